@@ -1,0 +1,1 @@
+"""Checkpoint conversion and Hub push (installed as llada_moe_hf.conversion)."""
