@@ -524,6 +524,9 @@ class LLaDAMoEForDiffusionLM(LLaDAMoEPreTrainedModel, DiffusionGenerationMixin):
     _tp_plan = {"lm_head": "colwise_gather_output"}
     _pp_plan = {"lm_head": (["hidden_states"], ["logits"])}
     generation_config_class = DiffusionGenerationConfig
+    # The loss is already a per-batch mean (normalised per sequence), not a sum over `num_items_in_batch`
+    # tokens: Trainer must scale it for gradient accumulation itself.
+    accepts_loss_kwargs = False
 
     def __init__(self, config: LLaDAMoEConfig):
         super().__init__(config)
