@@ -392,19 +392,22 @@ class LLaDAMoEPreTrainedModel(PreTrainedModel):
 
     @classmethod
     def from_pretrained(cls, *args, **kwargs):
-        """`PreTrainedModel.from_pretrained`, but a checkpoint missing any weight is refused instead of being
-        completed with random values (the released weights must give the original numbers)."""
+        """`PreTrainedModel.from_pretrained`, but strict: a checkpoint missing any weight is refused instead of
+        being completed with random values, and one carrying weights the config does not use (e.g. shared-expert
+        tensors with `shared_expert_intermediate_size: null`) is refused instead of being silently ignored."""
         want_info = kwargs.pop("output_loading_info", False)
         model, info = super().from_pretrained(*args, output_loading_info=True, **kwargs)
-        missing = sorted(info.get("missing_keys") or [])
-        if missing:
-            shown = ", ".join(missing[:20]) + (f", ... ({len(missing)} in all)" if len(missing) > 20 else "")
-            raise ValueError(
-                f"The checkpoint is missing {len(missing)} weight(s) that {cls.__name__} needs: {shown}. "
-                "Refusing to fill them with random values. Check that the checkpoint is complete (all shards "
-                "present) and that its config matches it (num_hidden_layers, num_experts, moe_layer_freq, "
-                "shared_expert_intermediate_size, moe_router_enable_expert_bias, tie_word_embeddings)."
-            )
+        hint = (
+            "Check that the checkpoint is complete (all shards present) and that its config matches it "
+            "(num_hidden_layers, num_experts, moe_layer_freq, shared_expert_intermediate_size, "
+            "moe_router_enable_expert_bias, qk_layernorm, attention_bias, tie_word_embeddings)."
+        )
+        for kind, verb in (("missing_keys", "is missing"), ("unexpected_keys", "has unused")):
+            keys = sorted(info.get(kind) or [])
+            if keys:
+                shown = ", ".join(keys[:20]) + (f", ... ({len(keys)} in all)" if len(keys) > 20 else "")
+                action = "Refusing to fill them with random values." if kind == "missing_keys" else "Refusing to ignore them."
+                raise ValueError(f"The checkpoint {verb} {len(keys)} weight(s) for {cls.__name__}: {shown}. {action} {hint}")
         return (model, info) if want_info else model
 
     def save_pretrained(self, save_directory, *args, **kwargs):

@@ -366,6 +366,22 @@ def test_missing_expert_is_refused(tmp_path, fixture_dir):
         LLaDAMoEForDiffusionLM.from_pretrained(tmp_path / "ckpt")
 
 
+def test_unused_weights_are_refused(tmp_path, fixture_dir):
+    shutil.copytree(fixture_dir, tmp_path / "ckpt")
+    # A shared expert in the weights while the config says there is none: loading must not ignore it.
+    shard = tmp_path / "ckpt" / "model-00003-of-00003.safetensors"
+    tensors = load_file(shard)
+    extra = "model.layers.0.shared_expert.up_proj.weight"
+    tensors[extra] = torch.zeros(32, 64)
+    save_file(tensors, shard, metadata={"format": "pt"})
+    index_path = tmp_path / "ckpt" / "model.safetensors.index.json"
+    index = json.loads(index_path.read_text())
+    index["weight_map"][extra] = shard.name
+    index_path.write_text(json.dumps(index))
+    with pytest.raises(ValueError, match="has unused 1 weight.*shared_expert"):
+        LLaDAMoEForDiffusionLM.from_pretrained(tmp_path / "ckpt")
+
+
 def test_dense_llada_is_not_hijacked(tmp_path):
     dense = {
         "model_type": "llada",
