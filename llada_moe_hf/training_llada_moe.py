@@ -210,28 +210,39 @@ def tokenize_sft_example(
     max_length: int | None = None,
     chat_template: str | None = None,
 ) -> dict[str, Any]:
-    """Tokenize one prompt/response pair for SFT: `{"input_ids": prompt + response + [eos], "prompt_length": n}`.
+    """Tokenize one prompt/response pair for SFT: `{"input_ids": [...], "prompt_length": n}` for the collator.
 
-    The prompt is rendered with the tokenizer's chat template (`add_generation_prompt=True`); `prompt` is a user
-    message string or a list of chat messages (e.g. with a system message). Pass `chat_template` when the
-    tokenizer has none. The response is tokenized without special tokens and followed by one EOS; the
-    collator's EOS padding supplies the rest. Raises ValueError when the prompt alone fills `max_length`.
+    `prompt` is a user message string or a list of chat messages (e.g. a system message first). With the chat
+    template, the prompt is the conversation with the generation prompt (`<role>ASSISTANT</role>` for
+    LLaDA-MoE) and the response is the rest of the conversation with the assistant turn appended (the answer and
+    the template's end-of-turn, `<|role_end|>`), followed by one EOS; the collator's EOS padding supplies the
+    rest. Pass `chat_template` when the tokenizer has none (`llada_moe_hf.chat.CHAT_TEMPLATE`). Raises
+    ValueError when the template does not render the prompt as a prefix of the conversation, or when the
+    prompt alone fills `max_length`.
     """
     messages = [{"role": "user", "content": prompt}] if isinstance(prompt, str) else list(prompt)
     if chat_template is None and not getattr(tokenizer, "chat_template", None):
         raise ValueError(
             "the tokenizer has no chat template; pass chat_template= (llada_moe_hf.chat.CHAT_TEMPLATE is the "
-            "release's) or set tokenizer.chat_template."
+            "release's format) or set tokenizer.chat_template."
         )
-    prompt_ids = tokenizer.apply_chat_template(
-        messages, chat_template=chat_template, add_generation_prompt=True, tokenize=True, return_dict=False
-    )
-    if isinstance(prompt_ids, dict) or hasattr(prompt_ids, "keys"):
-        prompt_ids = prompt_ids["input_ids"]
     if tokenizer.eos_token_id is None:
         raise ValueError("the tokenizer has no eos_token_id; SFT responses must end with EOS.")
-    response_ids = tokenizer(response, add_special_tokens=False)["input_ids"] + [tokenizer.eos_token_id]
-    input_ids = list(prompt_ids) + list(response_ids)
+
+    def render(conversation, add_generation_prompt):
+        ids = tokenizer.apply_chat_template(
+            conversation, chat_template=chat_template, add_generation_prompt=add_generation_prompt, tokenize=True
+        )
+        return list(ids["input_ids"] if hasattr(ids, "keys") else ids)
+
+    prompt_ids = render(messages, add_generation_prompt=True)
+    full_ids = render(messages + [{"role": "assistant", "content": response}], add_generation_prompt=False)
+    if full_ids[: len(prompt_ids)] != prompt_ids or len(full_ids) == len(prompt_ids):
+        raise ValueError(
+            "the chat template does not render the prompt (with add_generation_prompt=True) as a prefix of the "
+            "conversation with the answer appended; tokenize_sft_example cannot split prompt and response."
+        )
+    input_ids = full_ids + [tokenizer.eos_token_id]
     if max_length is not None:
         if len(prompt_ids) >= max_length:
             raise ValueError(
