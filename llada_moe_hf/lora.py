@@ -141,63 +141,34 @@ def get_lora_model(model, lora_config: LoraConfig | None = None, adapter_name: s
 
 
 def render_adapter_card(
-    base_model: str, adapter_config: dict | None = None, repo_id: str | None = None, **card_kwargs
+    base_model: str,
+    adapter_config: dict | None = None,
+    repo_id: str | None = None,
+    *,
+    training: str | None = None,
+    description: str | None = None,
+    tags=(),
+    metadata: dict | None = None,
 ) -> str:
-    """The README.md of an adapter repo: YAML metadata with `base_model` (so the Hub links the adapter to its
-    base), `library_name: peft`, tags, then usage text. Uses the package's card template (llada_moe_hf.model_cards)
-    when it provides `render_adapter_card`, else huggingface_hub's ModelCard."""
-    if not base_model or not isinstance(base_model, str):
-        raise ValueError("render_adapter_card needs base_model, the Hub repo id of the base model.")
-    try:
-        from llada_moe_hf.model_cards import render_adapter_card as package_renderer
-    except ImportError:
-        package_renderer = None
-    if package_renderer is not None:
-        return package_renderer(base_model=base_model, adapter_config=adapter_config, repo_id=repo_id, **card_kwargs)
-    return _fallback_adapter_card(base_model, adapter_config or {}, repo_id, **card_kwargs)
+    """The README.md of an adapter repo, from the package's "lora" card template (llada_moe_hf.model_cards):
+    YAML metadata with `base_model` (so the Hub links the adapter to its base), `library_name: peft`,
+    `base_model_relation: adapter`, the LLaDA-MoE tags; then rank, targets and usage. Validated offline."""
+    from .model_cards import render_card
 
-
-def _fallback_adapter_card(base_model, adapter_config, repo_id, license="apache-2.0", tags=(), description=None):
-    from huggingface_hub import ModelCard, ModelCardData
-
-    data = ModelCardData(
+    adapter_config = adapter_config or {}
+    return render_card(
+        "lora",
         base_model=base_model,
-        library_name="peft",
-        license=license,
-        pipeline_tag="text-generation",
-        tags=["lora", "llada-moe", "masked-diffusion", "moe", *tags],
+        repo_id=repo_id,
+        r=adapter_config.get("r"),
+        lora_alpha=adapter_config.get("lora_alpha"),
+        target_modules=adapter_config.get("target_modules") or [],
+        target_parameters=adapter_config.get("target_parameters") or [],
+        training=training,
+        description=description,
+        tags=tags,
+        metadata=metadata,
     )
-    targets = ", ".join(sorted(adapter_config.get("target_modules") or []))
-    params = ", ".join(adapter_config.get("target_parameters") or [])
-    name = repo_id or "this adapter"
-    content = f"""---
-{data.to_yaml()}
----
-
-# {name}
-
-A LoRA adapter for [{base_model}](https://huggingface.co/{base_model}), a masked-diffusion Mixture-of-Experts
-language model (LLaDA-MoE){f". {description}" if description else "."}
-
-- rank r = {adapter_config.get("r")}, lora_alpha = {adapter_config.get("lora_alpha")}
-- linear targets: {targets or "none"}
-- expert targets (PEFT `target_parameters`, rank r per expert): {params or "none"}
-
-## Use
-
-```python
-import torch
-from peft import PeftModel
-from transformers import AutoModel
-
-base = AutoModel.from_pretrained("{base_model}", trust_remote_code=True, dtype=torch.bfloat16)
-model = PeftModel.from_pretrained(base, "{repo_id or "<this repo>"}")
-```
-
-Or `pip install llada-moe-hf` and load the base with `import llada_moe_hf` instead of `trust_remote_code`.
-`model.merge_and_unload()` folds the adapter into the base weights.
-"""
-    return ModelCard(content).content
 
 
 def push_lora_adapter_to_hub(
