@@ -37,6 +37,20 @@ def test_golden_logits(golden, attn, experts):
     torch.testing.assert_close(logits, golden["logits.logits"], rtol=0, atol=1e-5)
 
 
+def test_flex_attention_golden_and_padding(golden):
+    model = load_fixture(attn_implementation="flex_attention")
+    ids = golden["logits.input_ids"]
+    mask = torch.ones_like(ids)
+    mask[0, :3] = 0
+    with torch.no_grad():
+        torch.testing.assert_close(model(ids).logits, golden["logits.logits"], rtol=0, atol=1e-5)
+        flex = model(ids, attention_mask=mask).logits
+        model.set_attn_implementation("eager")
+        eager = model(ids, attention_mask=mask).logits
+    torch.testing.assert_close(flex[0, 3:], eager[0, 3:], rtol=0, atol=1e-5)
+    torch.testing.assert_close(flex[1:], eager[1:], rtol=0, atol=1e-5)
+
+
 def test_release_layout_loads_unchanged(fixture_dir):
     config = json.loads((fixture_dir / "config.json").read_text())
     assert config["model_type"] == "llada" and config["architectures"] == ["LLaDAMoEModelLM"]
