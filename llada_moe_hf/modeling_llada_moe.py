@@ -30,6 +30,7 @@ from transformers.utils.generic import merge_with_config_defaults
 from transformers.utils.output_capturing import OutputRecorder, capture_outputs
 
 from .configuration_llada_moe import LLaDAMoEConfig
+from .fused_moe_llada_moe import register_fused_moe_experts  # noqa: F401  (importing registers "fused_moe")
 from .generation_llada_moe import DiffusionGenerationConfig, DiffusionGenerationMixin
 from .training_llada_moe import masked_diffusion_loss, router_load_balancing_loss
 

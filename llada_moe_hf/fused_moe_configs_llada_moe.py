@@ -1,0 +1,34 @@
+# Copyright 2026 The llada-moe-hf authors. Licensed under the Apache License, Version 2.0.
+"""Tile configurations for the fused MoE kernels in `fused_moe_llada_moe.py`, kept as data.
+
+This is a .py module rather than JSON because Hub custom code copies only the .py files a model imports.
+
+Layout: GPU name (`torch.cuda.get_device_name()`) -> shape key "E=..,H=..,I=.." -> token-count bucket ->
+configuration. A call with T tokens uses the smallest bucket >= T (the largest bucket beyond the table): a tile
+tuned for more rows per expert still works for fewer, the reverse under-fills it. GPUs or shapes missing here
+use `default_config()` in the kernel module.
+
+Each configuration holds BLOCK_M (rows of (token, expert) pairs per tile; every expert's rows are padded to a
+multiple of it, so both GEMMs share it) and, per GEMM, BLOCK_N (output columns per tile), BLOCK_K (reduction
+depth per step), num_warps and num_stages (software pipelining depth).
+
+The H100 entries come from the sweep in `benchmarks/moe_layer.py --tune` (benchmarks/results/).
+"""
+
+
+def _cfg(block_m, gate_up, down):
+    keys = ("BLOCK_N", "BLOCK_K", "num_warps", "num_stages")
+    return {"BLOCK_M": block_m, "gate_up": dict(zip(keys, gate_up)), "down": dict(zip(keys, down))}
+
+
+FUSED_MOE_CONFIGS = {
+    "NVIDIA H100 80GB HBM3": {
+        "E=64,H=2048,I=1024": {
+            16: _cfg(16, (64, 128, 4, 4), (64, 128, 4, 4)),
+            64: _cfg(16, (64, 128, 4, 4), (64, 128, 4, 4)),
+            256: _cfg(32, (64, 128, 4, 4), (64, 128, 4, 4)),
+            1024: _cfg(64, (64, 64, 4, 4), (128, 64, 4, 4)),
+            4096: _cfg(128, (64, 64, 8, 3), (128, 64, 8, 3)),
+        },
+    },
+}

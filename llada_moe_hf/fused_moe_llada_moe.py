@@ -1,0 +1,459 @@
+# Copyright 2026 The llada-moe-hf authors. Licensed under the Apache License, Version 2.0.
+"""A fused Triton experts implementation, registered with transformers as `experts_implementation="fused_moe"`.
+
+Forward, for T tokens each routed to k of E experts (S = T * k (token, expert) pairs):
+1. `align_routing` (plain torch, on the device, no host sync): sort the pairs by expert (stable, so the order
+   is deterministic) and pad every expert's rows to a multiple of BLOCK_M with a sentinel id S. Each tile of
+   BLOCK_M rows belongs to one expert. The grid is sized for the worst case, so a decoding step can be captured
+   in a CUDA graph; tiles past the real end exit at once.
+2. `_gate_up_kernel`: grouped GEMM x @ gate_up_proj[e].T, gathering token rows straight from `hidden_states`,
+   with SiLU(gate) * up in the epilogue; writes the intermediate h in the padded sorted layout.
+3. `_down_kernel`: grouped GEMM h @ down_proj[e].T with the routing weight applied in the epilogue; each row is
+   written to its (token, slot) position.
+4. Combine: a sum over the k slots of each token, in the model dtype, like transformers' grouped_mm.
+
+Backward (`FusedMoEFunction`) gives gradients for hidden_states, the routing weights and both weight tensors,
+with torch grouped GEMMs over the same padded layout. The weights are read from the experts module on every
+call, so PEFT's LoRA on experts (which reparametrises them) trains through this path.
+
+Triton is optional: without it, or without CUDA, this module still imports and selecting "fused_moe" raises a
+clear error at the first forward. With TRITON_INTERPRET=1 (set before triton is imported) the kernels run on
+CPU tensors through Triton's interpreter; that is how CI tests them.
+"""
+
+import os
+
+import torch
+import torch.nn.functional as F
+
+from .fused_moe_configs_llada_moe import FUSED_MOE_CONFIGS
+
+
+try:
+    import triton
+    import triton.language as tl
+except ImportError:  # the package and a saved Hub repo must load with torch and transformers alone
+    triton = None
+    tl = None
+
+
+FUSED_MOE_NAME = "fused_moe"
+
+
+def _interpreting() -> bool:
+    return os.environ.get("TRITON_INTERPRET", "0") == "1"
+
+
+def fused_moe_unavailable_reason(device: torch.device | None = None) -> str | None:
+    """Why `fused_moe` cannot run on `device`, or None when it can."""
+    if triton is None:
+        return "it needs the `triton` package (pip install 'llada-moe-hf[cuda]' or pip install triton)"
+    if _interpreting():
+        return None
+    if not torch.cuda.is_available():
+        return "it needs a CUDA GPU (none is visible to torch)"
+    if device is not None and device.type != "cuda":
+        return f"it runs on CUDA tensors, but the model is on {device.type}; move it with model.to('cuda')"
+    return None
+
+
+def is_fused_moe_available(device: torch.device | None = None) -> bool:
+    return fused_moe_unavailable_reason(device) is None
+
+
+# ----------------------------------------------------------------------------------------------- kernels
+
+if triton is not None:
+
+    @triton.jit
+    def _round(x, out_ty: tl.constexpr, INTERPRET_BF16: tl.constexpr):
+        """x (float32) rounded to out_ty, returned as float32. The interpreter truncates float32 -> bfloat16, so
+        there the round-to-nearest-even the GPU does is spelled out on the bits."""
+        if INTERPRET_BF16:
+            bits = x.to(tl.uint32, bitcast=True)
+            bits = (bits + 0x7FFF + ((bits >> 16) & 1)) & 0xFFFF0000
+            return bits.to(tl.float32, bitcast=True)
+        else:
+            return x.to(out_ty).to(tl.float32)
+
+    @triton.jit
+    def _gate_up_kernel(
+        x_ptr, w_ptr, h_ptr, gu_ptr, sorted_ids_ptr, block_expert_ptr,
+        num_pairs, top_k, num_experts, num_blocks, N, K,
+        stride_xm, stride_xk, stride_we, stride_wn, stride_wk, stride_hm, stride_gm,
+        BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+        STORE_GATE_UP: tl.constexpr, INTERPRET_BF16: tl.constexpr, PRECISION: tl.constexpr,
+    ):  # fmt: skip
+        """One BLOCK_M x BLOCK_N tile of h = silu(x @ Wg.T) * (x @ Wu.T) for the expert that owns the row tile.
+        N is the intermediate size I; Wg is rows [0, I) of gate_up_proj[e], Wu rows [I, 2I)."""
+        pid = tl.program_id(0)
+        # Row tiles vary fastest: neighbouring programs share one expert's weight tile (L2 reuse).
+        pid_m = pid % num_blocks
+        pid_n = pid // num_blocks
+        expert = tl.load(block_expert_ptr + pid_m).to(tl.int64)
+        if expert >= num_experts:  # a tile past the padded end
+            return
+        offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+        pair = tl.load(sorted_ids_ptr + offs_m)
+        row_ok = pair < num_pairs
+        token = (pair // top_k).to(tl.int64)
+        offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+        n_ok = offs_n < N
+        offs_k = tl.arange(0, BLOCK_K)
+
+        a_ptrs = x_ptr + token[:, None] * stride_xm + offs_k[None, :] * stride_xk
+        g_ptrs = w_ptr + expert * stride_we + offs_n[None, :] * stride_wn + offs_k[:, None] * stride_wk
+        u_ptrs = g_ptrs + N * stride_wn
+        acc_g = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+        acc_u = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+        for k0 in range(0, K, BLOCK_K):
+            k_ok = offs_k < K - k0
+            a = tl.load(a_ptrs, mask=row_ok[:, None] & k_ok[None, :], other=0.0)
+            bg = tl.load(g_ptrs, mask=k_ok[:, None] & n_ok[None, :], other=0.0)
+            bu = tl.load(u_ptrs, mask=k_ok[:, None] & n_ok[None, :], other=0.0)
+            if INTERPRET_BF16:  # the interpreter's dot mishandles bfloat16 operands
+                a = a.to(tl.float32)
+                bg = bg.to(tl.float32)
+                bu = bu.to(tl.float32)
+            acc_g = tl.dot(a, bg, acc_g, input_precision=PRECISION)
+            acc_u = tl.dot(a, bu, acc_u, input_precision=PRECISION)
+            a_ptrs += BLOCK_K * stride_xk
+            g_ptrs += BLOCK_K * stride_wk
+            u_ptrs += BLOCK_K * stride_wk
+
+        out_ty: tl.constexpr = h_ptr.dtype.element_ty
+        # Round where the eager path rounds (gate and up in the model dtype, then silu, then the product).
+        gate = _round(acc_g, out_ty, INTERPRET_BF16)
+        up = _round(acc_u, out_ty, INTERPRET_BF16)
+        if STORE_GATE_UP:  # kept for the backward pass
+            gu_ptrs = gu_ptr + offs_m[:, None].to(tl.int64) * stride_gm + offs_n[None, :]
+            tl.store(gu_ptrs, gate.to(out_ty), mask=n_ok[None, :])
+            tl.store(gu_ptrs + N, up.to(out_ty), mask=n_ok[None, :])
+        act = _round(gate * tl.sigmoid(gate), out_ty, INTERPRET_BF16)
+        h = _round(act * up, out_ty, INTERPRET_BF16).to(out_ty)
+        # Padding rows are written too (as zeros): the backward's grouped GEMMs read them.
+        h_ptrs = h_ptr + offs_m[:, None].to(tl.int64) * stride_hm + offs_n[None, :]
+        tl.store(h_ptrs, h, mask=n_ok[None, :])
+
+    @triton.jit
+    def _down_kernel(
+        h_ptr, w_ptr, y_ptr, routing_ptr, sorted_ids_ptr, block_expert_ptr,
+        num_pairs, num_experts, num_blocks, N, K,
+        stride_hm, stride_we, stride_wn, stride_wk, stride_ym,
+        BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+        INTERPRET_BF16: tl.constexpr, PRECISION: tl.constexpr,
+    ):  # fmt: skip
+        """One tile of y[pair] = routing_weight[pair] * (h @ down_proj[e].T); N is the hidden size, K is I."""
+        pid = tl.program_id(0)
+        pid_m = pid % num_blocks
+        pid_n = pid // num_blocks
+        expert = tl.load(block_expert_ptr + pid_m).to(tl.int64)
+        if expert >= num_experts:
+            return
+        offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+        pair = tl.load(sorted_ids_ptr + offs_m)
+        row_ok = pair < num_pairs
+        offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+        n_ok = offs_n < N
+        offs_k = tl.arange(0, BLOCK_K)
+
+        a_ptrs = h_ptr + offs_m[:, None].to(tl.int64) * stride_hm + offs_k[None, :]
+        b_ptrs = w_ptr + expert * stride_we + offs_n[None, :] * stride_wn + offs_k[:, None] * stride_wk
+        acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+        for k0 in range(0, K, BLOCK_K):
+            k_ok = offs_k < K - k0
+            a = tl.load(a_ptrs, mask=k_ok[None, :], other=0.0)
+            b = tl.load(b_ptrs, mask=k_ok[:, None] & n_ok[None, :], other=0.0)
+            if INTERPRET_BF16:
+                a = a.to(tl.float32)
+                b = b.to(tl.float32)
+            acc = tl.dot(a, b, acc, input_precision=PRECISION)
+            a_ptrs += BLOCK_K
+            b_ptrs += BLOCK_K * stride_wk
+
+        out_ty: tl.constexpr = y_ptr.dtype.element_ty
+        weight = tl.load(routing_ptr + pair, mask=row_ok, other=0.0).to(tl.float32)
+        y = _round(_round(acc, out_ty, INTERPRET_BF16) * weight[:, None], out_ty, INTERPRET_BF16).to(out_ty)
+        y_ptrs = y_ptr + pair[:, None].to(tl.int64) * stride_ym + offs_n[None, :]
+        tl.store(y_ptrs, y, mask=row_ok[:, None] & n_ok[None, :])
+
+
+# ----------------------------------------------------------------------------------------------- routing
+
+
+def align_routing(top_k_index: torch.Tensor, num_experts: int, block_m: int):
+    """Sort the (token, slot) pairs by expert and pad each expert's rows to a multiple of `block_m`.
+
+    Returns:
+        sorted_ids: int32 [num_blocks * block_m], the pair id (token * k + slot) of each row, S on padding rows.
+        block_expert: int32 [num_blocks], the expert of each row tile; `num_experts` past the padded end.
+        offsets: int32 [num_experts], the padded end row of each expert (cumulative), for grouped GEMMs.
+        pair_row: int64 [S], the row of each pair.
+    All sizes depend on shapes only (no host sync): num_blocks = ceil(S / block_m) + min(E, S) bounds the tiles.
+    """
+    device = top_k_index.device
+    num_pairs = top_k_index.numel()
+    expert_ids = top_k_index.reshape(-1).long()
+    sorted_experts, order = torch.sort(expert_ids, stable=True)
+    counts = torch.zeros(num_experts, dtype=torch.long, device=device)
+    counts.scatter_add_(0, expert_ids, torch.ones_like(expert_ids))
+    padded = (counts + block_m - 1) // block_m * block_m
+    padded_end = torch.cumsum(padded, 0)
+    padded_start = padded_end - padded
+    start = torch.cumsum(counts, 0) - counts
+
+    num_blocks = -(-num_pairs // block_m) + min(num_experts, num_pairs)
+    rank = torch.arange(num_pairs, device=device) - start[sorted_experts]
+    row = padded_start[sorted_experts] + rank
+    sorted_ids = torch.full((num_blocks * block_m,), num_pairs, dtype=torch.int32, device=device)
+    sorted_ids[row] = order.to(torch.int32)
+    pair_row = torch.empty_like(row)
+    pair_row[order] = row
+    tile_start = torch.arange(num_blocks, device=device) * block_m
+    block_expert = torch.searchsorted(padded_end, tile_start, right=True).to(torch.int32)
+    return sorted_ids, block_expert, padded_end.to(torch.int32), pair_row
+
+
+# ----------------------------------------------------------------------------------------------- configs
+
+
+def default_config(num_tokens: int, num_experts: int, top_k: int) -> dict:
+    """Tiles for shapes or GPUs without a tuned entry: BLOCK_M follows the expected rows per expert."""
+    rows_per_expert = num_tokens * top_k / max(num_experts, 1)
+    block_m = 16 if rows_per_expert <= 16 else 32 if rows_per_expert <= 48 else 64
+    gemm = {"BLOCK_N": 64, "BLOCK_K": 64, "num_warps": 4, "num_stages": 3}
+    return {"BLOCK_M": block_m, "gate_up": dict(gemm), "down": dict(gemm)}
+
+
+def get_config(num_tokens: int, num_experts: int, hidden: int, intermediate: int, top_k: int, device) -> dict:
+    """The tuned entry for this GPU and shape at the smallest token bucket >= num_tokens, else the default."""
+    if _interpreting() or device.type != "cuda":
+        # Interpreter: few programs with small tiles are the fastest to emulate.
+        return {"BLOCK_M": 16, "gate_up": {"BLOCK_N": 32, "BLOCK_K": 32}, "down": {"BLOCK_N": 32, "BLOCK_K": 32}}
+    table = FUSED_MOE_CONFIGS.get(torch.cuda.get_device_name(device), {})
+    buckets = table.get(f"E={num_experts},H={hidden},I={intermediate}")
+    if not buckets:
+        return default_config(num_tokens, num_experts, top_k)
+    keys = sorted(buckets)
+    key = next((k for k in keys if k >= num_tokens), keys[-1])
+    return buckets[key]
+
+
+# ----------------------------------------------------------------------------------------------- launches
+
+
+def _dot_options(dtype: torch.dtype) -> dict:
+    # float32 must match the eager path: full-precision dots, not TF32.
+    return {
+        "INTERPRET_BF16": _interpreting() and dtype == torch.bfloat16,
+        "PRECISION": "ieee" if dtype == torch.float32 else "tf32",
+    }
+
+
+def _launch_gate_up(x, gate_up, sorted_ids, block_expert, top_k, config, store_gate_up):
+    num_experts, two_i, hidden = gate_up.shape
+    inter = two_i // 2
+    rows = sorted_ids.numel()
+    num_blocks = block_expert.numel()
+    h = torch.empty(rows, inter, dtype=x.dtype, device=x.device)
+    gu = torch.empty(rows, two_i, dtype=x.dtype, device=x.device) if store_gate_up else h
+    tiles = config["gate_up"]
+    grid = (num_blocks * triton.cdiv(inter, tiles["BLOCK_N"]),)
+    launch = {k: v for k, v in tiles.items() if k in ("num_warps", "num_stages")}
+    _gate_up_kernel[grid](
+        x, gate_up, h, gu, sorted_ids, block_expert,
+        x.shape[0] * top_k, top_k, num_experts, num_blocks, inter, hidden,
+        x.stride(0), x.stride(1), gate_up.stride(0), gate_up.stride(1), gate_up.stride(2), h.stride(0), gu.stride(0),
+        BLOCK_M=config["BLOCK_M"], BLOCK_N=tiles["BLOCK_N"], BLOCK_K=tiles["BLOCK_K"],
+        STORE_GATE_UP=store_gate_up, **_dot_options(x.dtype), **launch,
+    )  # fmt: skip
+    return h, (gu if store_gate_up else None)
+
+
+def _launch_down(h, down, routing, sorted_ids, block_expert, num_pairs, config):
+    num_experts, hidden, inter = down.shape
+    num_blocks = block_expert.numel()
+    y = torch.empty(num_pairs, hidden, dtype=h.dtype, device=h.device)
+    tiles = config["down"]
+    grid = (num_blocks * triton.cdiv(hidden, tiles["BLOCK_N"]),)
+    launch = {k: v for k, v in tiles.items() if k in ("num_warps", "num_stages")}
+    _down_kernel[grid](
+        h, down, y, routing, sorted_ids, block_expert,
+        num_pairs, num_experts, num_blocks, hidden, inter,
+        h.stride(0), down.stride(0), down.stride(1), down.stride(2), y.stride(0),
+        BLOCK_M=config["BLOCK_M"], BLOCK_N=tiles["BLOCK_N"], BLOCK_K=tiles["BLOCK_K"],
+        **_dot_options(h.dtype), **launch,
+    )  # fmt: skip
+    return y
+
+
+# ----------------------------------------------------------------------------------------------- backward helpers
+
+
+def _grouped_mm_ok(a: torch.Tensor, b: torch.Tensor) -> bool:
+    """torch's grouped GEMM: torch >= 2.9 on CPU, bfloat16 on CUDA SM >= 8.0, strides in 16-byte multiples."""
+    if not hasattr(F, "grouped_mm") and not hasattr(torch, "_grouped_mm"):
+        return False
+    if a.dtype not in (torch.float32, torch.bfloat16, torch.float16):
+        return False
+    if a.is_cuda and (a.dtype != torch.bfloat16 or torch.cuda.get_device_capability(a.device) < (8, 0)):
+        return False
+    for t in (a, b):
+        if any((s * t.element_size()) % 16 for s, n in zip(t.stride(), t.shape) if s != 1 and n > 1):
+            return False
+        if t.data_ptr() % 16:
+            return False
+    return True
+
+
+def _torch_grouped_mm(a, b, offs):
+    fn = getattr(F, "grouped_mm", None) or torch._grouped_mm
+    return fn(a, b, offs=offs)
+
+
+def grouped_matmul(a: torch.Tensor, b: torch.Tensor, offs: torch.Tensor) -> torch.Tensor:
+    """out[rows of group e] = a[rows of group e] @ b[e]; a: [P, K], b: [E, K, N]; group e ends at row offs[e].
+    Rows past offs[-1] are left unset."""
+    if _grouped_mm_ok(a, b):
+        return _torch_grouped_mm(a, b, offs)
+    out = torch.zeros(a.shape[0], b.shape[-1], dtype=a.dtype, device=a.device)
+    start = 0
+    for e, end in enumerate(offs.tolist()):  # one host sync; backward only
+        if end > start:
+            torch.mm(a[start:end], b[e], out=out[start:end])
+        start = end
+    return out
+
+
+def grouped_weight_grad(a: torch.Tensor, b: torch.Tensor, offs: torch.Tensor) -> torch.Tensor:
+    """out[e] = a[rows of group e].T @ b[rows of group e]; a: [P, M], b: [P, N] -> [E, M, N]."""
+    a_t = a.t()
+    if _grouped_mm_ok(a_t, b):
+        return _torch_grouped_mm(a_t, b, offs)
+    out = torch.zeros(offs.numel(), a.shape[1], b.shape[1], dtype=a.dtype, device=a.device)
+    start = 0
+    for e, end in enumerate(offs.tolist()):
+        if end > start:
+            torch.mm(a_t[:, start:end], b[start:end], out=out[e])
+        start = end
+    return out
+
+
+def _silu_mul(gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
+    return (F.silu(gate) * up).to(gate.dtype)
+
+
+# ----------------------------------------------------------------------------------------------- autograd
+
+
+class FusedMoEFunction(torch.autograd.Function):
+    """out[t] = sum_j w[t, j] * down[e_tj] @ (silu(gate[e_tj] @ x[t]) * (up[e_tj] @ x[t])), e_tj = top_k_index[t, j]."""
+
+    @staticmethod
+    def forward(ctx, hidden_states, top_k_weights, gate_up_proj, down_proj, top_k_index, config):
+        num_tokens, hidden = hidden_states.shape
+        top_k = top_k_index.shape[1]
+        num_pairs = num_tokens * top_k
+        needs_grad = any(ctx.needs_input_grad[:4])
+        sorted_ids, block_expert, offsets, pair_row = align_routing(
+            top_k_index, gate_up_proj.shape[0], config["BLOCK_M"]
+        )
+        routing = top_k_weights.reshape(-1).contiguous()
+        h, gu = _launch_gate_up(hidden_states, gate_up_proj, sorted_ids, block_expert, top_k, config, needs_grad)
+        y = _launch_down(h, down_proj, routing, sorted_ids, block_expert, num_pairs, config)
+        if needs_grad:
+            ctx.save_for_backward(hidden_states, routing, gate_up_proj, down_proj, sorted_ids, offsets, pair_row, gu)
+            ctx.top_k = top_k
+        # Sum over the k slots in the model dtype (fp32 accumulation inside), as transformers' grouped_mm does.
+        return y.view(num_tokens, top_k, hidden).sum(dim=1)
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        hidden_states, routing, gate_up_proj, down_proj, sorted_ids, offsets, pair_row, gu = ctx.saved_tensors
+        top_k = ctx.top_k
+        num_tokens, hidden = hidden_states.shape
+        dtype = hidden_states.dtype
+        grad_out = grad_out.to(dtype).contiguous()
+        zero_row = grad_out.new_zeros(1, hidden)
+        # Rows in the padded sorted layout; padding rows (id S) read a zero row / zero weight.
+        token_of_row = sorted_ids.long() // top_k
+        grad_rows = torch.cat([grad_out, zero_row])[token_of_row]
+        x_rows = torch.cat([hidden_states, zero_row])[token_of_row]
+        w_rows = torch.cat([routing, routing.new_zeros(1)])[sorted_ids.long()].unsqueeze(-1)
+
+        inter = gu.shape[1] // 2
+        gate, up = gu[:, :inter], gu[:, inter:]
+        h = _silu_mul(gate, up)
+        # d(out)/d(expert output) = w; the expert output itself is never stored: <g, y> = <g @ down, h>.
+        grad_h_unweighted = grouped_matmul(grad_rows, down_proj, offsets)
+        grad_routing_rows = (grad_h_unweighted.float() * h.float()).sum(-1)
+        grad_h = (grad_h_unweighted.float() * w_rows.float()).to(dtype)
+        grad_down = grouped_weight_grad((grad_rows.float() * w_rows.float()).to(dtype), h, offsets)
+
+        gate_f, up_f = gate.float(), up.float()
+        sig = torch.sigmoid(gate_f)
+        grad_up = grad_h.float() * gate_f * sig
+        grad_gate = grad_h.float() * up_f * sig * (1 + gate_f * (1 - sig))
+        grad_gu = torch.cat([grad_gate, grad_up], dim=-1).to(dtype)
+        grad_x_rows = grouped_matmul(grad_gu, gate_up_proj, offsets)
+        grad_gate_up = grouped_weight_grad(grad_gu, x_rows, offsets)
+
+        grad_x = grad_x_rows[pair_row].view(num_tokens, top_k, hidden).sum(dim=1)
+        grad_routing = grad_routing_rows[pair_row].view(num_tokens, top_k).to(routing.dtype)
+        return grad_x, grad_routing, grad_gate_up, grad_down, None, None
+
+
+# ----------------------------------------------------------------------------------------------- entry point
+
+
+def fused_moe_experts_forward(
+    self: torch.nn.Module,
+    hidden_states: torch.Tensor,
+    top_k_index: torch.Tensor,
+    top_k_weights: torch.Tensor,
+) -> torch.Tensor:
+    """The `fused_moe` experts implementation (same signature as transformers' `grouped_mm_experts_forward`)."""
+    reason = fused_moe_unavailable_reason(hidden_states.device)
+    if reason is not None:
+        raise RuntimeError(
+            f'experts_implementation="{FUSED_MOE_NAME}" cannot run here: {reason}. Use experts_implementation='
+            '"grouped_mm" or "eager" instead (model.set_experts_implementation("grouped_mm")).'
+        )
+    if getattr(self, "_is_expert_parallel", False) or getattr(self, "has_bias", False):
+        raise NotImplementedError(f'experts_implementation="{FUSED_MOE_NAME}" supports neither expert parallelism nor expert biases.')
+    if getattr(self, "is_transposed", False) or not getattr(self, "has_gate", True):
+        raise NotImplementedError(f'experts_implementation="{FUSED_MOE_NAME}" expects gate_up_proj [E, 2I, H] and down_proj [E, H, I].')
+    act = getattr(self.act_fn, "__class__", type(None)).__name__
+    if act not in ("SiLUActivation", "SiLU"):
+        raise NotImplementedError(f'experts_implementation="{FUSED_MOE_NAME}" fuses SiLU only; this model uses {act}.')
+
+    # Read through the module attributes on every call (PEFT's LoRA reparametrises them).
+    gate_up_proj, down_proj = self.gate_up_proj, self.down_proj
+    if gate_up_proj.dtype not in (torch.float32, torch.bfloat16, torch.float16):
+        raise ValueError(
+            f'experts_implementation="{FUSED_MOE_NAME}" runs in float32, bfloat16 or float16, not {gate_up_proj.dtype}; '
+            "convert the model (model.to(torch.bfloat16)) or use the eager experts."
+        )
+    if hidden_states.shape[0] == 0:
+        return torch.zeros_like(hidden_states)
+    # grouped_mm casts the input to the weight dtype (no autocast support); do the same.
+    hidden_states = hidden_states.to(gate_up_proj.dtype)
+    num_experts, two_i, hidden = gate_up_proj.shape
+    config = get_config(
+        hidden_states.shape[0], num_experts, hidden, two_i // 2, top_k_index.shape[1], hidden_states.device
+    )
+    out = FusedMoEFunction.apply(
+        hidden_states, top_k_weights.to(gate_up_proj.dtype), gate_up_proj, down_proj, top_k_index, config
+    )
+    return out
+
+
+def register_fused_moe_experts():
+    """Register `fused_moe` with transformers' ExpertsInterface (idempotent). Registered even where it cannot run,
+    so that selecting it there gives the clear error above rather than "not a valid experts implementation"."""
+    from transformers.integrations.moe import ExpertsInterface
+
+    ExpertsInterface.register(FUSED_MOE_NAME, fused_moe_experts_forward)
+
+
+register_fused_moe_experts()
