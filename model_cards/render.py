@@ -22,7 +22,7 @@ EXTRA_TAGS = {"base": (), "instruct": ("conversational",), "lora": ("lora", "pef
 # The original model card's sampler (arXiv 2509.24389 release): 128 new tokens in 4 blocks of 32, one token per step.
 DEFAULT_SAMPLER = {
     "steps": 128,
-    "gen_length": 128,
+    "max_new_tokens": 128,
     "block_length": 32,
     "temperature": 0.0,
     "cfg_scale": 0.0,

@@ -1,0 +1,358 @@
+"""Convert a LLaDA-MoE checkpoint into a verified, Hub-ready repository (and optionally push it).
+
+    llada-moe convert SRC DST [--dtype bfloat16] [--fused-experts] [--to-original] [--push-to-hub REPO_ID]
+    llada-moe convert --push-only DST --push-to-hub REPO_ID
+    python conversion/convert.py ...   |   python -m llada_moe_hf.conversion.convert ...
+
+SRC is a directory or a Hub repo id in the release's layout, dInfer's fused layout or this package's layout.
+DST is written into a temporary directory beside it, verified (tensor checksums, logits of the output loaded in a
+fresh process against the source's), and only then renamed into place.
+"""
+
+import argparse
+import json
+import logging
+import os
+import shutil
+import sys
+import tempfile
+import warnings
+from pathlib import Path
+
+import torch
+
+
+# Absolute imports, so that `python conversion/convert.py` works as well as the installed module.
+from llada_moe_hf.conversion.hub import PushError, push_folder, resolve_source
+from llada_moe_hf.conversion.layouts import (
+    DTYPES,
+    RELEASE_CODE_FILES,
+    detect_layout,
+    load_model,
+    original_config_dict,
+    weight_files,
+)
+from llada_moe_hf.conversion.verify import (
+    VerificationError,
+    check_manifest,
+    compare_logits,
+    compare_tensors,
+    fixed_batch,
+    logits_in_fresh_process,
+    model_logits,
+    tensor_checksums,
+    write_manifest,
+)
+
+
+logger = logging.getLogger("llada_moe_hf.conversion")
+
+MASK_TOKEN = "<|mask|>"
+ROLE_END = "<|role_end|>"
+RELEASE_MASK_TOKEN_ID = 156895
+RELEASE_EOS_TOKEN_ID = 156892
+# The original model card's sampler: 128 new tokens, 4 blocks of 32, one token per step, greedy, low-confidence
+# remasking. Keys are DiffusionGenerationConfig fields (the model card calls max_new_tokens gen_length).
+SAMPLER_DEFAULTS = dict(steps=128, max_new_tokens=128, block_length=32, temperature=0.0, cfg_scale=0.0,
+                        remasking="low_confidence")
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "tokenizer.model",
+                   "added_tokens.json", "vocab.json", "merges.txt", "chat_template.jinja", "chat_template.json")
+BASE_MODELS = {"base": "inclusionAI/LLaDA-MoE-7B-A1B-Base", "instruct": "inclusionAI/LLaDA-MoE-7B-A1B-Instruct"}
+
+
+class ConversionError(ValueError):
+    """Bad arguments or an unusable destination."""
+
+
+# ----------------------------------------------------------------------------------------------- tokenizer
+
+
+def convert_tokenizer(tokenizer_dir: Path, out_dir: Path) -> dict:
+    """Copy the tokenizer with `<|mask|>` declared as its mask token and a chat template set. Returns the ids
+    found ({"mask": ..., "role_end": ..., "eos": ...}); warns and returns {} when there is no tokenizer."""
+    if not any((tokenizer_dir / name).is_file() for name in TOKENIZER_FILES):
+        warnings.warn(f"{tokenizer_dir} has no tokenizer files: DST will have none. Copy the release's tokenizer "
+                      "into DST (or pass --tokenizer) before pushing.", stacklevel=2)
+        return {}
+    from transformers import AutoTokenizer
+
+    from llada_moe_hf.chat import ensure_chat_template, single_token_id
+
+    tokenizer = AutoTokenizer.from_pretrained(tokenizer_dir)
+    ids = {"mask": single_token_id(tokenizer, MASK_TOKEN), "role_end": single_token_id(tokenizer, ROLE_END),
+           "eos": tokenizer.eos_token_id}
+    if ids["mask"] is None:
+        warnings.warn(f"The tokenizer in {tokenizer_dir} has no single {MASK_TOKEN} token: the mask token is not "
+                      "declared (diffusion sampling needs its id; pass --mask-token-id).", stacklevel=2)
+    elif tokenizer.mask_token != MASK_TOKEN:
+        tokenizer.mask_token = MASK_TOKEN  # already in the vocabulary: declares it, adds nothing
+    if ensure_chat_template(tokenizer):
+        logger.info("The tokenizer had no chat template; set the Ling-style one (llada_moe_hf.chat.CHAT_TEMPLATE).")
+    tokenizer.save_pretrained(out_dir)
+    return ids
+
+
+# ----------------------------------------------------------------------------------------------- generation config
+
+
+def generation_settings(config, token_ids: dict, mask_token_id: int | None) -> dict:
+    mask = mask_token_id if mask_token_id is not None else token_ids.get("mask")
+    if mask is None:
+        mask = config.mask_token_id
+    eos = config.eos_token_id if config.eos_token_id is not None else RELEASE_EOS_TOKEN_ID
+    eos_ids = list(eos) if isinstance(eos, (list, tuple)) else [eos]
+    for extra in (token_ids.get("eos"), token_ids.get("role_end")):
+        if extra is not None and extra not in eos_ids:
+            eos_ids.append(extra)
+    return dict(mask_token_id=mask, eos_token_id=eos_ids, pad_token_id=config.pad_token_id, **SAMPLER_DEFAULTS)
+
+
+def write_generation_config(out_dir: Path, settings: dict):
+    """generation_config.json through the package's DiffusionGenerationConfig, and checked to load back with it."""
+    from llada_moe_hf.generation_llada_moe import DiffusionGenerationConfig
+
+    DiffusionGenerationConfig(**settings).save_pretrained(out_dir)
+    loaded = DiffusionGenerationConfig.from_pretrained(out_dir)
+    wrong = {k: getattr(loaded, k, None) for k, v in settings.items() if getattr(loaded, k, None) != v}
+    if wrong:
+        raise VerificationError(f"generation_config.json does not load back as written: {wrong}.")
+
+
+# ----------------------------------------------------------------------------------------------- model card
+
+
+def card_kind(card: str, src: str) -> str:
+    """The card template: as asked, or "instruct" when SRC's name says so."""
+    if card != "auto":
+        return card
+    return "instruct" if "instruct" in src.lower() else "base"
+
+
+def write_card(out_dir: Path, kind: str, *, base_model: str, repo_id: str, source: str, layout: str, dtype: str,
+               fused: bool, settings: dict, token_ids: dict, verification: str):
+    from llada_moe_hf.model_cards import render_card
+
+    sampler = {k: settings[k] for k in SAMPLER_DEFAULTS}
+    text = render_card(
+        kind, base_model=base_model, repo_id=repo_id, source=source, dtype=dtype, sampler=sampler,
+        source_layout={"release": "the release's layout", "dinfer": "dInfer's fused layout",
+                       "llada_moe": "llada-moe-hf layout"}[layout],
+        expert_layout="experts fused (gate_up_proj, down_proj)" if fused else "experts stored per expert (the release's tensor names)",
+        mask_token_id=settings["mask_token_id"], eos_token_id=settings["eos_token_id"][0],
+        role_end_id=token_ids.get("role_end"), verification=verification,
+    )
+    (out_dir / "README.md").write_text(text)
+
+
+# ----------------------------------------------------------------------------------------------- conversion
+
+
+def check_destination(dst: Path, src_dir: Path, overwrite: bool):
+    if dst.exists() and not dst.is_dir():
+        raise ConversionError(f"DST {dst} exists and is not a directory.")
+    if dst.exists() and not overwrite:
+        raise ConversionError(
+            f"DST {dst} already exists; nothing was written. Pass --overwrite to replace it (the old one is kept "
+            f"until the new one is verified), or push it as it is: llada-moe convert --push-only {dst} --push-to-hub REPO_ID"
+        )
+    resolved = dst.resolve()
+    if resolved == src_dir.resolve() or src_dir.resolve() in resolved.parents:
+        raise ConversionError(f"DST {dst} must not be SRC or inside it.")
+    if not dst.parent.is_dir():
+        raise ConversionError(f"The parent directory of DST ({dst.parent}) does not exist.")
+
+
+def write_checkpoint(model, out_dir: Path, *, fused: bool, max_shard_size: str):
+    """save_pretrained: config.json with auto_map, the custom-code files, sharded safetensors (per expert, the
+    release's names, unless fused)."""
+    model.save_pretrained(out_dir, max_shard_size=max_shard_size, save_original_format=not fused)
+
+
+def rewrite_as_original(out_dir: Path, model, src_dir: Path, layout: str, source_config: dict):
+    """Turn a save_pretrained output into the release's layout: its config.json format, no llada_moe code files
+    (the release's own code files are copied from SRC when it has them)."""
+    config = original_config_dict(model.config, source_config if layout == "release" else None)
+    (out_dir / "config.json").write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
+    for path in out_dir.glob("*.py"):
+        path.unlink()
+    missing = []
+    for name in RELEASE_CODE_FILES:
+        if (src_dir / name).is_file():
+            shutil.copy2(src_dir / name, out_dir / name)
+        else:
+            missing.append(name)
+    if missing:
+        warnings.warn(f"DST's auto_map names the release's {missing}, which SRC does not have: copy them from the "
+                      "release repository for tools that load it with trust_remote_code (llada-moe-hf loads this "
+                      "layout without them).", stacklevel=2)
+    for name in ("generation_config.json", "README.md"):
+        if (src_dir / name).is_file():
+            shutil.copy2(src_dir / name, out_dir / name)
+
+
+def convert(src: str, dst: str, *, dtype: str = "auto", max_shard_size: str = "5GB", fused_experts: bool = False,
+            to_original: bool = False, overwrite: bool = False, tokenizer: str | None = None,
+            mask_token_id: int | None = None, card: str = "auto", base_model: str | None = None,
+            repo_id: str | None = None, src_revision: str | None = None, token: str | None = None,
+            device: str = "cpu") -> Path:
+    """Convert SRC into DST (see the module docstring). Returns DST. Raises ConversionError / VerificationError;
+    on any failure no DST is created and an existing one is left as it was."""
+    if to_original and fused_experts:
+        raise ConversionError("--to-original writes the release's per-expert tensors; it cannot be combined with --fused-experts.")
+    if dtype != "auto" and dtype not in DTYPES:
+        raise ConversionError(f"--dtype {dtype!r}: choose auto, {', '.join(DTYPES)}.")
+    dst_path = Path(dst).expanduser()
+    src_dir, src_repo = resolve_source(src, revision=src_revision, token=token)
+    check_destination(dst_path, src_dir, overwrite)
+    layout, source_config = detect_layout(src_dir)
+
+    model = load_model(src_dir, layout, source_config)
+    input_ids = fixed_batch(model.config.vocab_size, mask_token_id if mask_token_id is not None else model.config.mask_token_id)
+    model.to(device)
+    source_logits = model_logits(model, input_ids)
+    cast = dtype != "auto" and DTYPES[dtype] != model.dtype
+    if cast:
+        model.to(DTYPES[dtype])
+    reference_logits = model_logits(model, input_ids) if cast else source_logits
+    model.to("cpu")
+
+    tmp = Path(tempfile.mkdtemp(prefix=f".{dst_path.name}.tmp-", dir=dst_path.parent))
+    try:
+        tokenizer_ids = convert_tokenizer(Path(tokenizer) if tokenizer else src_dir, tmp)
+        settings = generation_settings(model.config, tokenizer_ids, mask_token_id)
+        if model.config.mask_token_id is None and settings["mask_token_id"] is not None and not to_original:
+            model.config.mask_token_id = settings["mask_token_id"]
+        write_checkpoint(model, tmp, fused=fused_experts, max_shard_size=max_shard_size)
+        if to_original:
+            rewrite_as_original(tmp, model, src_dir, layout, source_config)
+        if not (to_original and (src_dir / "generation_config.json").is_file()):  # else SRC's was copied
+            write_generation_config(tmp, settings)
+
+        # Verification: bit-identical tensors where names and dtype are unchanged, then logits in a fresh process.
+        converted_sums = tensor_checksums(weight_files(tmp), desc="Hashing converted tensors")
+        compared = 0 if cast else compare_tensors(tensor_checksums(weight_files(src_dir), desc="Hashing source tensors"), converted_sums)
+        mode = "package" if to_original else "remote"
+        logits, loaded = logits_in_fresh_process(
+            tmp, input_ids, mode=mode, attn=model.config._attn_implementation,
+            experts=model.config._experts_implementation or "eager", device=device,
+        )
+        report = compare_logits(logits, reference_logits, source_logits if cast else None)
+        out_dtype = str(model.dtype).replace("torch.", "")
+        verification = (
+            f"logits on a fixed batch identical to the source's in {out_dtype}"
+            + (f" (cast from {str(source_logits.dtype).replace('torch.', '')}: relative max error "
+               f"{report['cast_relative_max_error']:.2e}, top-1 agreement {report['cast_top1_agreement']:.3f})" if cast else "")
+            + ("; loaded as custom code (trust_remote_code) in a fresh process" if mode == "remote" else "")
+        )
+        if not to_original:
+            kind = card_kind(card, str(src))
+            write_card(tmp, kind, base_model=base_model or src_repo or BASE_MODELS[kind],
+                       repo_id=repo_id or dst_path.name, source=src_repo or src_dir.name, layout=layout,
+                       dtype=out_dtype, fused=fused_experts, settings=settings, token_ids=tokenizer_ids,
+                       verification=verification)
+        conversion = dict(source=src_repo or str(src_dir), source_layout=layout,
+                          output_layout="release" if to_original else ("llada_moe fused" if fused_experts else "llada_moe per-expert"),
+                          dtype=out_dtype, tensors_identical_to_source=compared, loaded_as=loaded, verification=report)
+        write_manifest(tmp, weight_files(tmp), conversion)
+        move_into_place(tmp, dst_path, overwrite)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    logger.info("Converted %s -> %s (%s).", src, dst_path, verification)
+    return dst_path
+
+
+def move_into_place(tmp: Path, dst: Path, overwrite: bool):
+    """Rename the verified output to DST. An existing DST (only with overwrite) is moved aside first and removed
+    only once the new one is in place; if the rename fails it is put back."""
+    if not dst.exists():
+        os.rename(tmp, dst)
+        return
+    if not overwrite:
+        raise ConversionError(f"DST {dst} appeared during the conversion; not replacing it without --overwrite.")
+    backup = Path(tempfile.mkdtemp(prefix=f".{dst.name}.old-", dir=dst.parent))
+    os.rmdir(backup)
+    os.rename(dst, backup)
+    try:
+        os.rename(tmp, dst)
+    except BaseException:
+        os.rename(backup, dst)
+        raise
+    shutil.rmtree(backup, ignore_errors=True)
+
+
+# ----------------------------------------------------------------------------------------------- command line
+
+
+def add_arguments(parser: argparse.ArgumentParser):
+    parser.add_argument("src", nargs="?", help="checkpoint directory or Hub repo id (release, dInfer or llada_moe layout)")
+    parser.add_argument("dst", nargs="?", help="output directory (must not exist unless --overwrite)")
+    parser.add_argument("--dtype", default="auto", choices=["auto", *DTYPES], help="weights dtype of DST (auto: SRC's)")
+    parser.add_argument("--max-shard-size", default="5GB", help="largest safetensors shard (default 5GB)")
+    parser.add_argument("--fused-experts", action="store_true",
+                        help="store experts fused (gate_up_proj [E, 2I, H], down_proj [E, H, I]) instead of per expert")
+    parser.add_argument("--to-original", action="store_true",
+                        help="write the release's layout (model_type llada, per-expert tensors, original config keys)")
+    parser.add_argument("--overwrite", action="store_true", help="replace an existing DST once the new one is verified")
+    parser.add_argument("--tokenizer", help="take the tokenizer from this directory instead of SRC")
+    parser.add_argument("--mask-token-id", type=int, help="mask id when the tokenizer does not declare <|mask|>")
+    parser.add_argument("--card", default="auto", choices=["auto", "base", "instruct"],
+                        help="model card template (auto: instruct if SRC's name says so)")
+    parser.add_argument("--base-model", help="base_model of the model card (default: SRC's repo id or the release's)")
+    parser.add_argument("--src-revision", help="revision of SRC when it is a Hub repo id")
+    parser.add_argument("--device", default="cpu", help="device for the verification forward passes (default cpu)")
+    hub = parser.add_argument_group("pushing to the Hub")
+    hub.add_argument("--push-to-hub", metavar="REPO_ID", help="upload DST to this Hub repository in one commit")
+    hub.add_argument("--push-only", metavar="DST", help="push an existing converted DST (checked against its manifest)")
+    hub.add_argument("--private", action="store_true", help="create the repository as private")
+    hub.add_argument("--revision", help="branch to commit to (created if missing)")
+    hub.add_argument("--create-pr", action="store_true", help="open a pull request instead of committing to the branch")
+    hub.add_argument("--token", help="Hub token (default: the saved login / HF_TOKEN)")
+    hub.add_argument("--endpoint", help="Hub endpoint (default: HF_ENDPOINT or https://huggingface.co)")
+
+
+def run(args) -> int:
+    logging.basicConfig(level=logging.INFO, format="%(message)s")
+    try:
+        if args.push_only:
+            if args.src or args.dst:
+                raise ConversionError("--push-only DST takes no SRC/DST arguments.")
+            if not args.push_to_hub:
+                raise ConversionError("--push-only needs --push-to-hub REPO_ID.")
+            dst = Path(args.push_only)
+            if not dst.is_dir():
+                raise ConversionError(f"--push-only {dst}: no such directory.")
+            check_manifest(dst)
+        else:
+            if not (args.src and args.dst):
+                raise ConversionError("Give SRC and DST (or --push-only DST --push-to-hub REPO_ID).")
+            dst = convert(
+                args.src, args.dst, dtype=args.dtype, max_shard_size=args.max_shard_size,
+                fused_experts=args.fused_experts, to_original=args.to_original, overwrite=args.overwrite,
+                tokenizer=args.tokenizer, mask_token_id=args.mask_token_id, card=args.card,
+                base_model=args.base_model, repo_id=args.push_to_hub, src_revision=args.src_revision,
+                token=args.token, device=args.device,
+            )
+            print(f"Converted and verified: {dst}")
+    except (ValueError, VerificationError) as err:
+        print(f"llada-moe convert: error: {err}", file=sys.stderr)
+        return 2
+    if args.push_to_hub:
+        try:
+            url = push_folder(dst, args.push_to_hub, private=args.private, revision=args.revision,
+                              create_pr=args.create_pr, token=args.token, endpoint=args.endpoint)
+        except PushError as err:
+            print(f"llada-moe convert: error: {err}", file=sys.stderr)
+            return 3
+        print(f"Pushed {dst} to {args.push_to_hub}: {url}")
+    return 0
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(prog="llada-moe convert", description=__doc__.splitlines()[0])
+    add_arguments(parser)
+    return run(parser.parse_args(argv))
+
+
+if __name__ == "__main__":
+    sys.exit(main())
