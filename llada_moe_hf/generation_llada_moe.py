@@ -173,6 +173,10 @@ class DiffusionGenerationConfig(GenerationConfig):
             if value is not None and not isinstance(value, bool):
                 raise ValueError(f"`{name}` must be True or False, got {value!r}.")
 
+    def to_diff_dict(self) -> dict[str, Any]:
+        # Unset fields are left out of generation_config.json (they mean "use the default").
+        return {k: v for k, v in super().to_diff_dict().items() if v is not None or k not in self._FIELDS}
+
     @classmethod
     def from_model_config(cls, *args, **kwargs):
         # transformers' legacy path copies AR fields from the model config; the model falls back to cls().
