@@ -78,7 +78,12 @@ def convert_tokenizer(tokenizer_dir: Path, out_dir: Path) -> dict:
 
     from llada_moe_hf.chat import ensure_chat_template, single_token_id
 
-    tokenizer = AutoTokenizer.from_pretrained(tokenizer_dir)
+    with tempfile.TemporaryDirectory() as alone:
+        # Without config.json beside it, AutoTokenizer never looks at the model's auto_map (remote code).
+        for name in TOKENIZER_FILES:
+            if (tokenizer_dir / name).is_file():
+                shutil.copy2(tokenizer_dir / name, Path(alone) / name)
+        tokenizer = AutoTokenizer.from_pretrained(alone)
     ids = {"mask": single_token_id(tokenizer, MASK_TOKEN), "role_end": single_token_id(tokenizer, ROLE_END),
            "eos": tokenizer.eos_token_id}
     if ids["mask"] is None:
@@ -208,12 +213,14 @@ def convert(src: str, dst: str, *, dtype: str = "auto", max_shard_size: str = "5
 
     model = load_model(src_dir, layout, source_config)
     input_ids = fixed_batch(model.config.vocab_size, mask_token_id if mask_token_id is not None else model.config.mask_token_id)
-    model.to(device)
-    source_logits = model_logits(model, input_ids)
+    source_logits = model_logits(model.to(device), input_ids)
     cast = dtype != "auto" and DTYPES[dtype] != model.dtype
     if cast:
-        model.to(DTYPES[dtype])
-    reference_logits = model_logits(model, input_ids) if cast else source_logits
+        # Load SRC again directly in the output dtype (as from_pretrained would for a user; RoPE tables stay
+        # float32): DST must reproduce this model exactly, and the source in its own dtype within tolerance.
+        del model
+        model = load_model(src_dir, layout, source_config, dtype=DTYPES[dtype])
+    reference_logits = model_logits(model.to(device), input_ids) if cast else source_logits
     model.to("cpu")
 
     tmp = Path(tempfile.mkdtemp(prefix=f".{dst_path.name}.tmp-", dir=dst_path.parent))

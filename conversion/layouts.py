@@ -89,9 +89,9 @@ def detect_layout(src_dir: Path) -> tuple[str, dict]:
     )
 
 
-def load_model(src_dir: Path, layout: str, config_dict: dict) -> LLaDAMoEForDiffusionLM:
-    """The checkpoint as a model in its own dtype. Missing weights are refused (see from_pretrained)."""
-    kwargs = dict(dtype="auto")
+def load_model(src_dir: Path, layout: str, config_dict: dict, dtype="auto") -> LLaDAMoEForDiffusionLM:
+    """The checkpoint as a model (in its own dtype by default). Missing weights are refused (see from_pretrained)."""
+    kwargs = dict(dtype=dtype)
     if layout == "dinfer":
         config_dict = dict(config_dict, architectures=RELEASE_ARCHITECTURES)
         config_dict.pop("auto_map", None)
