@@ -1,7 +1,7 @@
 """A local stand-in for the Hugging Face Hub API, for push tests. Only ever listens on 127.0.0.1.
 
 It answers the calls huggingface_hub makes for `create_repo`, `create_commit` / `upload_folder` and README
-validation, and records what arrives:
+validation, `create_branch`, and records what arrives:
 
     from fake_hub import fake_hub
 
@@ -39,6 +39,7 @@ ROUTES = [
     ("validate", "POST", re.compile(r"^/api/validate-yaml$")),
     ("preupload", "POST", re.compile(rf"^/api/models/{REPO}/preupload/(?P<rev>.+)$")),
     ("commit", "POST", re.compile(rf"^/api/models/{REPO}/commit/(?P<rev>.+)$")),
+    ("branch", "POST", re.compile(rf"^/api/models/{REPO}/branch/(?P<rev>.+)$")),
 ]
 
 
@@ -51,6 +52,7 @@ class FakeHub:
         self.created = []
         self.commits = []
         self.validated = []
+        self.branches = []  # (repo_id, branch) of create_branch calls
         self.requests = []
         self.lock = threading.Lock()
 
@@ -80,6 +82,9 @@ class FakeHub:
         repo_id = unquote(match["repo"])
         if repo_id not in self.repos:
             return 404, {"error": f"Repository {repo_id} not found"}, {"X-Error-Code": "RepoNotFound"}
+        if kind == "branch":
+            self.branches.append((repo_id, unquote(match["rev"])))
+            return 200, {}
         if kind == "preupload":
             files = json.loads(body)["files"]
             return 200, {"files": [{"path": f["path"], "uploadMode": "regular", "shouldIgnore": False} for f in files]}
