@@ -408,3 +408,19 @@ def test_wrong_expert_target_names_the_fused_parameters():
         check_lora_config(config, base_model())
     with pytest.raises(ValueError, match="not both"):
         get_lora_model(base_model(), default_lora_config(), r=4)
+
+
+# ----------------------------------------------------------------------------------------------- the example
+
+
+def test_finetune_example_runs_with_trainer_and_checkpoints(tmp_path):
+    sys.path.insert(0, str(REPO_ROOT / "examples"))
+    import finetune_lora
+
+    out = tmp_path / "run"
+    before, after = finetune_lora.main(["--output-dir", str(out), "--max-steps", "4", "--save-steps", "2", "--batch-size", "4"])
+    assert (out / "checkpoint-2").is_dir() and (out / "checkpoint-4").is_dir()
+    assert {"adapter_config.json", "adapter_model.safetensors"} <= {p.name for p in (out / "adapter").iterdir()}
+    assert torch.isfinite(torch.tensor([before, after])).all() and after != before
+    with pytest.raises(SystemExit, match="not empty"):
+        finetune_lora.main(["--output-dir", str(out)])
