@@ -73,7 +73,9 @@ def load_model_and_tokenizer(args):
     device = resolve_device(args.device)
     dtype = "auto" if args.dtype == "auto" else getattr(torch, args.dtype)
     try:
-        tokenizer = AutoTokenizer.from_pretrained(args.tokenizer or args.model)
+        # The tokenizer itself is never custom code (the release ships tokenizer.json); without this flag the
+        # config.json's auto_map would make transformers ask whether to run remote code.
+        tokenizer = AutoTokenizer.from_pretrained(args.tokenizer or args.model, trust_remote_code=False)
     except (OSError, ValueError) as err:
         raise SystemExit(f"error: could not load a tokenizer from {args.tokenizer or args.model!r}: {err}")
     model = LLaDAMoEForDiffusionLM.from_pretrained(args.model, dtype=dtype).to(device).eval()
