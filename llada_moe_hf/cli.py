@@ -15,23 +15,22 @@ SUBCOMMANDS = {
 
 
 def main(argv=None) -> int:
+    argv = sys.argv[1:] if argv is None else list(argv)
     parser = argparse.ArgumentParser(prog="llada-moe", description="LLaDA-MoE for the Hugging Face ecosystem.")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
-    available = {}
+    chosen = argv[0] if argv and argv[0] in SUBCOMMANDS else None
+    module = None
     for name, (module_name, help_text) in SUBCOMMANDS.items():
-        try:
+        sub_parser = sub.add_parser(name, help=help_text, description=help_text)
+        if name == chosen:
+            # Only the chosen subcommand is imported: one command's dependencies never break another.
             module = importlib.import_module(module_name)
-        except ModuleNotFoundError as err:
-            if err.name != module_name:
-                raise
-            continue
-        available[name] = module
-        module.add_arguments(sub.add_parser(name, help=help_text, description=help_text))
+            module.add_arguments(sub_parser)
     args = parser.parse_args(argv)
     if args.command is None:
         parser.print_help()
         return 2
-    return int(available[args.command].run(args) or 0)
+    return int(module.run(args) or 0)
 
 
 if __name__ == "__main__":

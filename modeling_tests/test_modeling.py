@@ -409,3 +409,29 @@ def test_dense_llada_is_not_hijacked(tmp_path):
     (tmp_path / "config.json").write_text(json.dumps(dense))
     with pytest.raises(ValueError, match="dense LLaDA"):
         LLaDAMoEForDiffusionLM.from_pretrained(tmp_path)
+
+
+def test_push_to_hub_writes_custom_code_repo(tmp_path, monkeypatch):
+    import huggingface_hub.constants
+    from fake_hub import fake_hub
+
+    model = load_fixture()
+    with fake_hub(token="hf_test") as hub:
+        monkeypatch.setattr(huggingface_hub.constants, "ENDPOINT", hub.endpoint)
+        model.push_to_hub("me/llada-moe-tiny", token="hf_test")
+        pushed = hub.files("me/llada-moe-tiny")
+    for name in ("config.json", "configuration_llada_moe.py", "modeling_llada_moe.py", "model.safetensors"):
+        assert name in pushed, sorted(pushed)
+    config = json.loads(pushed["config.json"])
+    assert config["model_type"] == "llada_moe" and "AutoModelForMaskedLM" in config["auto_map"]
+    # What arrived is a working custom-code repo: load it in a fresh process without the package.
+    repo = tmp_path / "pushed"
+    repo.mkdir()
+    for name, data in pushed.items():
+        (repo / name).write_bytes(data)
+    env = dict(os.environ, HF_MODULES_CACHE=str(tmp_path / "modules"), HF_HUB_OFFLINE="1")
+    proc = subprocess.run(
+        [sys.executable, "-c", REMOTE_SCRIPT, str(repo), str(FIXTURE_DIR / "golden.safetensors")],
+        cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300,
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
