@@ -8,6 +8,7 @@ from transformers import AutoConfig, AutoModel, AutoModelForMaskedLM
 
 from .configuration_llada_moe import LLaDAMoEConfig
 from .modeling_llada_moe import LLaDAMoEForDiffusionLM, LLaDAMoEModel, LLaDAMoEModelLM, LLaDAMoEPreTrainedModel
+from .training_llada_moe import LLaDAMoEDataCollator, masked_diffusion_loss, tokenize_sft_example
 
 
 __version__ = "0.1.0"
@@ -19,7 +20,30 @@ AutoModelForMaskedLM.register(LLaDAMoEConfig, LLaDAMoEForDiffusionLM, exist_ok=T
 LLaDAMoEConfig.register_for_auto_class("AutoConfig")
 LLaDAMoEForDiffusionLM.register_for_auto_class("AutoModel")
 
+_LAZY = {  # imported on first use: they pull in peft
+    "default_lora_config": "lora",
+    "get_lora_model": "lora",
+    "check_lora_config": "lora",
+    "push_lora_adapter_to_hub": "lora",
+}
+
+
+def __getattr__(name):
+    if name in _LAZY:
+        import importlib
+
+        return getattr(importlib.import_module(f".{_LAZY[name]}", __name__), name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
+
 __all__ = [
+    "LLaDAMoEDataCollator",
+    "masked_diffusion_loss",
+    "tokenize_sft_example",
+    "default_lora_config",
+    "get_lora_model",
+    "check_lora_config",
+    "push_lora_adapter_to_hub",
     "LLaDAMoEConfig",
     "LLaDAMoEForDiffusionLM",
     "LLaDAMoEModel",
