@@ -12,7 +12,9 @@ Each configuration holds BLOCK_M (rows of (token, expert) pairs per tile; every 
 multiple of it, so both GEMMs share it) and, per GEMM, BLOCK_N (output columns per tile), BLOCK_K (reduction
 depth per step), num_warps and num_stages (software pipelining depth).
 
-The H100 entries come from the sweep in `benchmarks/moe_layer.py --tune` (benchmarks/results/).
+The H100 entries are the winners of `benchmarks/moe_layer.py --tune` on an H100 80GB HBM3 (torch 2.11, triton 3.6;
+the full sweep is in benchmarks/results/moe_layer_h100_tune.json). They are for 16-bit weights; float32 halves
+BLOCK_K (see `_fit_to_dtype`).
 """
 
 
@@ -24,11 +26,14 @@ def _cfg(block_m, gate_up, down):
 FUSED_MOE_CONFIGS = {
     "NVIDIA H100 80GB HBM3": {
         "E=64,H=2048,I=1024": {
-            16: _cfg(16, (64, 128, 4, 4), (64, 128, 4, 4)),
-            64: _cfg(16, (64, 128, 4, 4), (64, 128, 4, 4)),
-            256: _cfg(32, (64, 128, 4, 4), (64, 128, 4, 4)),
-            1024: _cfg(64, (64, 64, 4, 4), (128, 64, 4, 4)),
-            4096: _cfg(128, (64, 64, 8, 3), (128, 64, 8, 3)),
+            16: _cfg(16, (64, 128, 4, 5), (64, 128, 4, 5)),
+            64: _cfg(16, (128, 128, 4, 3), (64, 128, 4, 5)),
+            128: _cfg(32, (64, 128, 4, 3), (64, 128, 4, 3)),
+            256: _cfg(32, (64, 128, 4, 3), (64, 256, 4, 3)),
+            512: _cfg(64, (64, 64, 4, 3), (128, 64, 4, 3)),
+            1024: _cfg(64, (128, 64, 4, 5), (128, 64, 4, 3)),
+            2048: _cfg(128, (128, 64, 8, 4), (128, 64, 4, 3)),
+            4096: _cfg(128, (128, 64, 8, 4), (128, 128, 4, 3)),
         },
     },
 }

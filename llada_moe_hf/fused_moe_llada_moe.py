@@ -22,6 +22,7 @@ CPU tensors through Triton's interpreter; that is how CI tests them.
 """
 
 import os
+from functools import lru_cache
 
 import torch
 import torch.nn.functional as F
@@ -77,6 +78,41 @@ if triton is not None:
             return x.to(out_ty).to(tl.float32)
 
     @triton.jit
+    def _align_kernel(
+        expert_ids_ptr, sorted_ids_ptr, block_expert_ptr, offsets_ptr, pair_row_ptr,
+        num_pairs, num_experts, num_rows, num_blocks,
+        BLOCK_M: tl.constexpr, E_POW2: tl.constexpr, CHUNK: tl.constexpr,
+    ):  # fmt: skip
+        """One program: a stable counting sort of the (token, slot) pairs by expert, padded per expert to BLOCK_M.
+        Replaces a dozen small torch ops (sort, histogram, cumsums, scatters) by a single launch."""
+        experts = tl.arange(0, E_POW2)
+        lanes = tl.arange(0, CHUNK)
+        counts = tl.zeros((E_POW2,), dtype=tl.int32)
+        for start in range(0, num_pairs, CHUNK):
+            ids = tl.load(expert_ids_ptr + start + lanes, mask=start + lanes < num_pairs, other=E_POW2)
+            counts += tl.sum((ids[:, None] == experts[None, :]).to(tl.int32), axis=0)
+        padded = (counts + BLOCK_M - 1) // BLOCK_M * BLOCK_M
+        padded_end = tl.cumsum(padded, axis=0)
+        tl.store(offsets_ptr + experts, padded_end, mask=experts < num_experts)
+        for start in range(0, num_rows, CHUNK):  # every row starts as padding
+            tl.store(sorted_ids_ptr + start + lanes, num_pairs + tl.zeros((CHUNK,), dtype=tl.int32), mask=start + lanes < num_rows)
+        for start in range(0, num_blocks, CHUNK):  # expert of each row tile (num_experts past the end)
+            tile = start + lanes
+            owner = tl.sum((padded_end[None, :] <= (tile * BLOCK_M)[:, None]).to(tl.int32), axis=1)
+            tl.store(block_expert_ptr + tile, tl.minimum(owner, num_experts), mask=tile < num_blocks)
+        tl.debug_barrier()  # the padding fill above must land before the rows below overwrite it
+        next_row = padded_end - padded  # per expert: the row its next pair goes to
+        for start in range(0, num_pairs, CHUNK):
+            pair = start + lanes
+            ids = tl.load(expert_ids_ptr + pair, mask=pair < num_pairs, other=E_POW2)
+            onehot = (ids[:, None] == experts[None, :]).to(tl.int32)
+            rank = tl.sum(tl.cumsum(onehot, axis=0) * onehot, axis=1) - 1  # earlier pairs of the same expert
+            row = tl.sum(onehot * next_row[None, :], axis=1) + rank
+            tl.store(sorted_ids_ptr + row, pair, mask=pair < num_pairs)
+            tl.store(pair_row_ptr + pair, row.to(tl.int64), mask=pair < num_pairs)
+            next_row += tl.sum(onehot, axis=0)
+
+    @triton.jit
     def _gate_up_kernel(
         x_ptr, w_ptr, h_ptr, gu_ptr, sorted_ids_ptr, block_expert_ptr,
         num_pairs, top_k, num_experts, num_blocks, N, K,
@@ -121,7 +157,7 @@ if triton is not None:
             g_ptrs += BLOCK_K * stride_wk
             u_ptrs += BLOCK_K * stride_wk
 
-        out_ty: tl.constexpr = h_ptr.dtype.element_ty
+        out_ty = h_ptr.dtype.element_ty
         # Round where the eager path rounds (gate and up in the model dtype, then silu, then the product).
         gate = _round(acc_g, out_ty, INTERPRET_BF16)
         up = _round(acc_u, out_ty, INTERPRET_BF16)
@@ -171,7 +207,7 @@ if triton is not None:
             a_ptrs += BLOCK_K
             b_ptrs += BLOCK_K * stride_wk
 
-        out_ty: tl.constexpr = y_ptr.dtype.element_ty
+        out_ty = y_ptr.dtype.element_ty
         weight = tl.load(routing_ptr + pair, mask=row_ok, other=0.0).to(tl.float32)
         y = _round(_round(acc, out_ty, INTERPRET_BF16) * weight[:, None], out_ty, INTERPRET_BF16).to(out_ty)
         y_ptrs = y_ptr + pair[:, None].to(tl.int64) * stride_ym + offs_n[None, :]
@@ -182,7 +218,7 @@ if triton is not None:
 
 
 def align_routing(top_k_index: torch.Tensor, num_experts: int, block_m: int):
-    """Sort the (token, slot) pairs by expert and pad each expert's rows to a multiple of `block_m`.
+    """Sort the (token, slot) pairs by expert (stable) and pad each expert's rows to a multiple of `block_m`.
 
     Returns:
         sorted_ids: int32 [num_blocks * block_m], the pair id (token * k + slot) of each row, S on padding rows.
@@ -191,6 +227,24 @@ def align_routing(top_k_index: torch.Tensor, num_experts: int, block_m: int):
         pair_row: int64 [S], the row of each pair.
     All sizes depend on shapes only (no host sync): num_blocks = ceil(S / block_m) + min(E, S) bounds the tiles.
     """
+    device = top_k_index.device
+    num_pairs = top_k_index.numel()
+    num_blocks = -(-num_pairs // block_m) + min(num_experts, num_pairs)
+    num_rows = num_blocks * block_m
+    sorted_ids = torch.empty(num_rows, dtype=torch.int32, device=device)
+    block_expert = torch.empty(num_blocks, dtype=torch.int32, device=device)
+    offsets = torch.empty(num_experts, dtype=torch.int32, device=device)
+    pair_row = torch.empty(num_pairs, dtype=torch.int64, device=device)
+    _align_kernel[(1,)](
+        top_k_index.reshape(-1), sorted_ids, block_expert, offsets, pair_row,
+        num_pairs, num_experts, num_rows, num_blocks,
+        BLOCK_M=block_m, E_POW2=triton.next_power_of_2(num_experts), CHUNK=128 if num_experts <= 64 else 32,
+    )  # fmt: skip
+    return sorted_ids, block_expert, offsets, pair_row
+
+
+def align_routing_reference(top_k_index: torch.Tensor, num_experts: int, block_m: int):
+    """`align_routing` in plain torch ops (the specification the kernel is tested against)."""
     device = top_k_index.device
     num_pairs = top_k_index.numel()
     expert_ids = top_k_index.reshape(-1).long()
@@ -225,12 +279,31 @@ def default_config(num_tokens: int, num_experts: int, top_k: int) -> dict:
     return {"BLOCK_M": block_m, "gate_up": dict(gemm), "down": dict(gemm)}
 
 
+@lru_cache
+def _device_name(device: torch.device) -> str:
+    return torch.cuda.get_device_name(device)
+
+
+def _fit_to_dtype(config: dict, dtype: torch.dtype) -> dict:
+    """Tables are tuned for 16-bit weights; float32 tiles of the same shape need twice the shared memory."""
+    if dtype != torch.float32:
+        return config
+    fitted = {"BLOCK_M": config["BLOCK_M"]}
+    for gemm in ("gate_up", "down"):
+        tiles = dict(config[gemm])
+        tiles["BLOCK_K"] = max(16, tiles["BLOCK_K"] // 2)
+        if "num_stages" in tiles:
+            tiles["num_stages"] = min(tiles["num_stages"], 3)
+        fitted[gemm] = tiles
+    return fitted
+
+
 def get_config(num_tokens: int, num_experts: int, hidden: int, intermediate: int, top_k: int, device) -> dict:
     """The tuned entry for this GPU and shape at the smallest token bucket >= num_tokens, else the default."""
     if _interpreting() or device.type != "cuda":
         # Interpreter: few programs with small tiles are the fastest to emulate.
         return {"BLOCK_M": 16, "gate_up": {"BLOCK_N": 32, "BLOCK_K": 32}, "down": {"BLOCK_N": 32, "BLOCK_K": 32}}
-    table = FUSED_MOE_CONFIGS.get(torch.cuda.get_device_name(device), {})
+    table = FUSED_MOE_CONFIGS.get(_device_name(device), {})
     buckets = table.get(f"E={num_experts},H={hidden},I={intermediate}")
     if not buckets:
         return default_config(num_tokens, num_experts, top_k)
@@ -246,7 +319,7 @@ def _dot_options(dtype: torch.dtype) -> dict:
     # float32 must match the eager path: full-precision dots, not TF32.
     return {
         "INTERPRET_BF16": _interpreting() and dtype == torch.bfloat16,
-        "PRECISION": "ieee" if dtype == torch.float32 else "tf32",
+        "PRECISION": "ieee" if dtype == torch.float32 else None,
     }
 
 
@@ -442,6 +515,7 @@ def fused_moe_experts_forward(
     config = get_config(
         hidden_states.shape[0], num_experts, hidden, two_i // 2, top_k_index.shape[1], hidden_states.device
     )
+    config = _fit_to_dtype(config, gate_up_proj.dtype)
     out = FusedMoEFunction.apply(
         hidden_states, top_k_weights.to(gate_up_proj.dtype), gate_up_proj, down_proj, top_k_index, config
     )

@@ -125,6 +125,15 @@ def test_half_precision_as_accurate_as_eager(dtype):
         assert norm_err(grads[name], exact_grad) <= 1.5 * norm_err(eager_grads[name], exact_grad), name
 
 
+@pytest.mark.parametrize("num_tokens, num_experts, top_k, block_m", [(13, 6, 3, 16), (1, 5, 3, 16), (150, 70, 4, 32)])
+def test_align_routing_kernel_matches_torch(num_tokens, num_experts, top_k, block_m):
+    index, _ = random_routing(num_tokens, num_experts, top_k, seed=num_tokens)
+    got = fused.align_routing(index, num_experts, block_m)
+    want = fused.align_routing_reference(index, num_experts, block_m)
+    for name, a, b in zip(("sorted_ids", "block_expert", "offsets", "pair_row"), got, want):
+        assert torch.equal(a.long(), b.long()), name
+
+
 def test_align_routing_layout():
     index, _ = random_routing(13, 6, 3, seed=5, allowed=[0, 2, 3, 5])
     block_m = 16
