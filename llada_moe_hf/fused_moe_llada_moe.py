@@ -214,6 +214,40 @@ if triton is not None:
         tl.store(y_ptrs, y, mask=row_ok[:, None] & n_ok[None, :])
 
 
+    @triton.jit
+    def _swiglu_backward_kernel(
+        gu_ptr, grad_act_ptr, routing_rows_ptr, grad_gu_ptr, h_ptr, grad_routing_ptr, total_rows_ptr,
+        N, stride_gu, stride_ga, stride_ggu, stride_h,
+        BLOCK_N: tl.constexpr, INTERPRET_BF16: tl.constexpr,
+    ):  # fmt: skip
+        """Per row r (one program): with a = grad_act[r] = grad_out[token] @ down_proj[e] (no routing weight yet),
+        grad_routing[r] = <a, h>, and with grad_h = w * a: grad_gate = grad_h * up * silu'(gate),
+        grad_up = grad_h * silu(gate). h = silu(gate) * up is recomputed (rounded as in the forward)."""
+        row = tl.program_id(0).to(tl.int64)
+        if row >= tl.load(total_rows_ptr):  # past the padded end: nothing there was computed
+            return
+        weight = tl.load(routing_rows_ptr + row).to(tl.float32)
+        out_ty = h_ptr.dtype.element_ty
+        dot = tl.zeros((BLOCK_N,), dtype=tl.float32)
+        for n0 in range(0, N, BLOCK_N):
+            offs = n0 + tl.arange(0, BLOCK_N)
+            ok = offs < N
+            gate = tl.load(gu_ptr + row * stride_gu + offs, mask=ok, other=0.0).to(tl.float32)
+            up = tl.load(gu_ptr + row * stride_gu + N + offs, mask=ok, other=0.0).to(tl.float32)
+            grad_act = tl.load(grad_act_ptr + row * stride_ga + offs, mask=ok, other=0.0).to(tl.float32)
+            sig = tl.sigmoid(gate)
+            act = _round(gate * sig, out_ty, INTERPRET_BF16)
+            h = _round(act * up, out_ty, INTERPRET_BF16)
+            dot += grad_act * h
+            grad_h = _round(grad_act * weight, out_ty, INTERPRET_BF16)
+            grad_up = grad_h * gate * sig
+            grad_gate = grad_h * up * sig * (1.0 + gate * (1.0 - sig))
+            tl.store(h_ptr + row * stride_h + offs, h.to(out_ty), mask=ok)
+            tl.store(grad_gu_ptr + row * stride_ggu + offs, _round(grad_gate, out_ty, INTERPRET_BF16).to(out_ty), mask=ok)
+            tl.store(grad_gu_ptr + row * stride_ggu + N + offs, _round(grad_up, out_ty, INTERPRET_BF16).to(out_ty), mask=ok)
+        tl.store(grad_routing_ptr + row, tl.sum(dot, axis=0))
+
+
 # ----------------------------------------------------------------------------------------------- routing
 
 
@@ -412,8 +446,20 @@ def grouped_weight_grad(a: torch.Tensor, b: torch.Tensor, offs: torch.Tensor) ->
     return out
 
 
-def _silu_mul(gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
-    return (F.silu(gate) * up).to(gate.dtype)
+def _swiglu_backward(gu: torch.Tensor, grad_act: torch.Tensor, w_rows: torch.Tensor, offsets: torch.Tensor):
+    """(grad of gate_up output, h, grad of the routing weight) for every row; see `_swiglu_backward_kernel`."""
+    rows, two_i = gu.shape
+    inter = two_i // 2
+    grad_gu = torch.empty_like(gu)
+    h = torch.empty(rows, inter, dtype=gu.dtype, device=gu.device)
+    grad_routing = torch.empty(rows, dtype=torch.float32, device=gu.device)
+    block_n = min(1024, triton.next_power_of_2(inter))
+    _swiglu_backward_kernel[(rows,)](
+        gu, grad_act, w_rows, grad_gu, h, grad_routing, offsets[-1:],
+        inter, gu.stride(0), grad_act.stride(0), grad_gu.stride(0), h.stride(0),
+        BLOCK_N=block_n, INTERPRET_BF16=_interpreting() and gu.dtype == torch.bfloat16,
+    )  # fmt: skip
+    return grad_gu, h, grad_routing
 
 
 # ----------------------------------------------------------------------------------------------- autograd
@@ -452,22 +498,12 @@ class FusedMoEFunction(torch.autograd.Function):
         token_of_row = sorted_ids.long() // top_k
         grad_rows = torch.cat([grad_out, zero_row])[token_of_row]
         x_rows = torch.cat([hidden_states, zero_row])[token_of_row]
-        w_rows = torch.cat([routing, routing.new_zeros(1)])[sorted_ids.long()].unsqueeze(-1)
+        w_rows = torch.cat([routing, routing.new_zeros(1)])[sorted_ids.long()]
 
-        inter = gu.shape[1] // 2
-        gate, up = gu[:, :inter], gu[:, inter:]
-        h = _silu_mul(gate, up)
         # d(out)/d(expert output) = w; the expert output itself is never stored: <g, y> = <g @ down, h>.
-        grad_h_unweighted = grouped_matmul(grad_rows, down_proj, offsets)
-        grad_routing_rows = (grad_h_unweighted.float() * h.float()).sum(-1)
-        grad_h = (grad_h_unweighted.float() * w_rows.float()).to(dtype)
-        grad_down = grouped_weight_grad((grad_rows.float() * w_rows.float()).to(dtype), h, offsets)
-
-        gate_f, up_f = gate.float(), up.float()
-        sig = torch.sigmoid(gate_f)
-        grad_up = grad_h.float() * gate_f * sig
-        grad_gate = grad_h.float() * up_f * sig * (1 + gate_f * (1 - sig))
-        grad_gu = torch.cat([grad_gate, grad_up], dim=-1).to(dtype)
+        grad_act = grouped_matmul(grad_rows, down_proj, offsets)
+        grad_gu, h, grad_routing_rows = _swiglu_backward(gu, grad_act, w_rows, offsets)
+        grad_down = grouped_weight_grad(grad_rows * w_rows.unsqueeze(-1), h, offsets)
         grad_x_rows = grouped_matmul(grad_gu, gate_up_proj, offsets)
         grad_gate_up = grouped_weight_grad(grad_gu, x_rows, offsets)
 
