@@ -78,39 +78,66 @@ if triton is not None:
             return x.to(out_ty).to(tl.float32)
 
     @triton.jit
-    def _align_kernel(
-        expert_ids_ptr, sorted_ids_ptr, block_expert_ptr, offsets_ptr, pair_row_ptr,
-        num_pairs, num_experts, num_rows, num_blocks,
-        BLOCK_M: tl.constexpr, E_POW2: tl.constexpr, CHUNK: tl.constexpr,
-    ):  # fmt: skip
-        """One program: a stable counting sort of the (token, slot) pairs by expert, padded per expert to BLOCK_M.
-        Replaces a dozen small torch ops (sort, histogram, cumsums, scatters) by a single launch."""
+    def _align_count_kernel(
+        expert_ids_ptr, chunk_counts_ptr, rank_ptr, num_pairs, E_POW2: tl.constexpr, CHUNK: tl.constexpr
+    ):
+        """Routing step 1, one program per chunk of pairs: per-expert counts of the chunk, and each pair's rank
+        among the earlier pairs of its expert in the chunk."""
+        chunk = tl.program_id(0)
         experts = tl.arange(0, E_POW2)
-        lanes = tl.arange(0, CHUNK)
-        counts = tl.zeros((E_POW2,), dtype=tl.int32)
-        for start in range(0, num_pairs, CHUNK):
-            ids = tl.load(expert_ids_ptr + start + lanes, mask=start + lanes < num_pairs, other=E_POW2)
-            counts += tl.sum((ids[:, None] == experts[None, :]).to(tl.int32), axis=0)
-        padded = (counts + BLOCK_M - 1) // BLOCK_M * BLOCK_M
+        pair = chunk * CHUNK + tl.arange(0, CHUNK)
+        ids = tl.load(expert_ids_ptr + pair, mask=pair < num_pairs, other=E_POW2)
+        onehot = (ids[:, None] == experts[None, :]).to(tl.int32)
+        rank = tl.sum(tl.cumsum(onehot, axis=0) * onehot, axis=1) - 1
+        tl.store(rank_ptr + pair, rank, mask=pair < num_pairs)
+        tl.store(chunk_counts_ptr + chunk * E_POW2 + experts, tl.sum(onehot, axis=0))
+
+    @triton.jit
+    def _align_offsets_kernel(
+        chunk_counts_ptr, chunk_base_ptr, sorted_ids_ptr, block_expert_ptr, offsets_ptr,
+        num_chunks, num_pairs, num_experts, num_rows, num_blocks,
+        BLOCK_M: tl.constexpr, E_POW2: tl.constexpr, CHUNKS_PER_STEP: tl.constexpr, FILL: tl.constexpr,
+    ):  # fmt: skip
+        """Routing step 2, one program: where each chunk's pairs of each expert start (stable order), the padded
+        expert offsets, the expert of every row tile, and every row pre-filled as padding."""
+        experts = tl.arange(0, E_POW2)
+        steps = tl.arange(0, CHUNKS_PER_STEP)
+        running = tl.zeros((E_POW2,), dtype=tl.int32)
+        for c0 in range(0, num_chunks, CHUNKS_PER_STEP):
+            c = c0 + steps
+            tile = c[:, None] * E_POW2 + experts[None, :]
+            counts = tl.load(chunk_counts_ptr + tile, mask=(c < num_chunks)[:, None], other=0)
+            inclusive = tl.cumsum(counts, axis=0)
+            tl.store(chunk_base_ptr + tile, running[None, :] + inclusive - counts, mask=(c < num_chunks)[:, None])
+            running += tl.sum(counts, axis=0)
+        padded = (running + BLOCK_M - 1) // BLOCK_M * BLOCK_M
         padded_end = tl.cumsum(padded, axis=0)
         tl.store(offsets_ptr + experts, padded_end, mask=experts < num_experts)
-        for start in range(0, num_rows, CHUNK):  # every row starts as padding
-            tl.store(sorted_ids_ptr + start + lanes, num_pairs + tl.zeros((CHUNK,), dtype=tl.int32), mask=start + lanes < num_rows)
-        for start in range(0, num_blocks, CHUNK):  # expert of each row tile (num_experts past the end)
-            tile = start + lanes
-            owner = tl.sum((padded_end[None, :] <= (tile * BLOCK_M)[:, None]).to(tl.int32), axis=1)
-            tl.store(block_expert_ptr + tile, tl.minimum(owner, num_experts), mask=tile < num_blocks)
-        tl.debug_barrier()  # the padding fill above must land before the rows below overwrite it
-        next_row = padded_end - padded  # per expert: the row its next pair goes to
-        for start in range(0, num_pairs, CHUNK):
-            pair = start + lanes
-            ids = tl.load(expert_ids_ptr + pair, mask=pair < num_pairs, other=E_POW2)
-            onehot = (ids[:, None] == experts[None, :]).to(tl.int32)
-            rank = tl.sum(tl.cumsum(onehot, axis=0) * onehot, axis=1) - 1  # earlier pairs of the same expert
-            row = tl.sum(onehot * next_row[None, :], axis=1) + rank
-            tl.store(sorted_ids_ptr + row, pair, mask=pair < num_pairs)
-            tl.store(pair_row_ptr + pair, row.to(tl.int64), mask=pair < num_pairs)
-            next_row += tl.sum(onehot, axis=0)
+        tl.store(offsets_ptr + E_POW2 + experts, padded_end - padded)  # starts, read by step 3
+        lanes = tl.arange(0, FILL)
+        for start in range(0, num_blocks, FILL):  # expert of each row tile (num_experts past the end)
+            t = start + lanes
+            owner = tl.sum((padded_end[None, :] <= (t * BLOCK_M)[:, None]).to(tl.int32), axis=1)
+            tl.store(block_expert_ptr + t, tl.minimum(owner, num_experts), mask=t < num_blocks)
+        for start in range(0, num_rows, FILL):
+            r = start + lanes
+            tl.store(sorted_ids_ptr + r, num_pairs + tl.zeros((FILL,), dtype=tl.int32), mask=r < num_rows)
+
+    @triton.jit
+    def _align_scatter_kernel(
+        expert_ids_ptr, rank_ptr, chunk_base_ptr, offsets_ptr, sorted_ids_ptr, pair_row_ptr, num_pairs,
+        E_POW2: tl.constexpr, CHUNK: tl.constexpr,
+    ):
+        """Routing step 3, one program per chunk: row = expert start + earlier chunks' pairs + rank in chunk."""
+        chunk = tl.program_id(0)
+        pair = chunk * CHUNK + tl.arange(0, CHUNK)
+        ok = pair < num_pairs
+        ids = tl.load(expert_ids_ptr + pair, mask=ok, other=0)
+        row = tl.load(offsets_ptr + E_POW2 + ids, mask=ok, other=0)
+        row += tl.load(chunk_base_ptr + chunk * E_POW2 + ids, mask=ok, other=0)
+        row += tl.load(rank_ptr + pair, mask=ok, other=0)
+        tl.store(sorted_ids_ptr + row, pair, mask=ok)
+        tl.store(pair_row_ptr + pair, row.to(tl.int64), mask=ok)
 
     @triton.jit
     def _gate_up_kernel(
@@ -260,20 +287,32 @@ def align_routing(top_k_index: torch.Tensor, num_experts: int, block_m: int):
         offsets: int32 [num_experts], the padded end row of each expert (cumulative), for grouped GEMMs.
         pair_row: int64 [S], the row of each pair.
     All sizes depend on shapes only (no host sync): num_blocks = ceil(S / block_m) + min(E, S) bounds the tiles.
+    Three small launches (count per chunk, prefix over chunks, scatter), parallel over the pairs.
     """
     device = top_k_index.device
     num_pairs = top_k_index.numel()
     num_blocks = -(-num_pairs // block_m) + min(num_experts, num_pairs)
     num_rows = num_blocks * block_m
-    sorted_ids = torch.empty(num_rows, dtype=torch.int32, device=device)
-    block_expert = torch.empty(num_blocks, dtype=torch.int32, device=device)
-    offsets = torch.empty(num_experts, dtype=torch.int32, device=device)
+    e_pow2 = triton.next_power_of_2(num_experts)
+    chunk = max(16, 8192 // e_pow2)  # pairs per program: a [chunk, e_pow2] one-hot tile
+    num_chunks = triton.cdiv(num_pairs, chunk)
+    expert_ids = top_k_index.reshape(-1)
+    # One int32 allocation, carved up: fewer allocator calls on the decode path.
+    sizes = (num_rows, num_blocks, 2 * e_pow2, num_pairs, 2 * num_chunks * e_pow2)
+    buffer = torch.empty(sum(sizes), dtype=torch.int32, device=device)
+    sorted_ids, block_expert, offsets, rank, chunk_tables = torch.split(buffer, sizes)
+    chunk_counts, chunk_base = chunk_tables[: num_chunks * e_pow2], chunk_tables[num_chunks * e_pow2 :]
     pair_row = torch.empty(num_pairs, dtype=torch.int64, device=device)
-    _align_kernel[(1,)](
-        top_k_index.reshape(-1), sorted_ids, block_expert, offsets, pair_row,
-        num_pairs, num_experts, num_rows, num_blocks,
-        BLOCK_M=block_m, E_POW2=triton.next_power_of_2(num_experts), CHUNK=128 if num_experts <= 64 else 32,
+    _align_count_kernel[(num_chunks,)](expert_ids, chunk_counts, rank, num_pairs, E_POW2=e_pow2, CHUNK=chunk)
+    _align_offsets_kernel[(1,)](
+        chunk_counts, chunk_base, sorted_ids, block_expert, offsets,
+        num_chunks, num_pairs, num_experts, num_rows, num_blocks,
+        BLOCK_M=block_m, E_POW2=e_pow2, CHUNKS_PER_STEP=max(1, 4096 // e_pow2), FILL=1024,
     )  # fmt: skip
+    _align_scatter_kernel[(num_chunks,)](
+        expert_ids, rank, chunk_base, offsets, sorted_ids, pair_row, num_pairs, E_POW2=e_pow2, CHUNK=chunk
+    )
+    offsets = offsets[:num_experts]
     return sorted_ids, block_expert, offsets, pair_row
 
 
