@@ -224,6 +224,8 @@ def layer_benchmark(dims, device, token_counts, copy_gbs, with_backward=True):
                 row[f"{impl}_fwd_ms"] = bench(lambda: run_layer(experts, impl, x, index, weights), device)
             if device.type == "cuda":
                 row["fused_moe_graph_fwd_ms"] = graph_forward_ms(experts, x, index, weights, ref)
+                block_m = fused.get_config(num_tokens, dims["E"], dims["H"], dims["I"], dims["k"], device)["BLOCK_M"]
+                row["fused_moe_align_ms"] = bench(lambda: fused.align_routing(index, dims["E"], block_m), device)
         if with_backward:
             for impl in IMPLS:
                 row[f"{impl}_fwdbwd_ms"] = bench(lambda: fwd_bwd(experts, impl, x, index, weights, grad_out), device)

@@ -114,11 +114,12 @@ if triton is not None:
         padded_end = tl.cumsum(padded, axis=0)
         tl.store(offsets_ptr + experts, padded_end, mask=experts < num_experts)
         tl.store(offsets_ptr + E_POW2 + experts, padded_end - padded)  # starts, read by step 3
-        lanes = tl.arange(0, FILL)
-        for start in range(0, num_blocks, FILL):  # expert of each row tile (num_experts past the end)
-            t = start + lanes
+        tiles = tl.arange(0, CHUNKS_PER_STEP)  # a [CHUNKS_PER_STEP, E_POW2] compare tile stays in registers
+        for start in range(0, num_blocks, CHUNKS_PER_STEP):  # expert of each row tile (num_experts past the end)
+            t = start + tiles
             owner = tl.sum((padded_end[None, :] <= (t * BLOCK_M)[:, None]).to(tl.int32), axis=1)
             tl.store(block_expert_ptr + t, tl.minimum(owner, num_experts), mask=t < num_blocks)
+        lanes = tl.arange(0, FILL)
         for start in range(0, num_rows, FILL):
             r = start + lanes
             tl.store(sorted_ids_ptr + r, num_pairs + tl.zeros((FILL,), dtype=tl.int32), mask=r < num_rows)
@@ -307,7 +308,7 @@ def align_routing(top_k_index: torch.Tensor, num_experts: int, block_m: int):
     _align_offsets_kernel[(1,)](
         chunk_counts, chunk_base, sorted_ids, block_expert, offsets,
         num_chunks, num_pairs, num_experts, num_rows, num_blocks,
-        BLOCK_M=block_m, E_POW2=e_pow2, CHUNKS_PER_STEP=max(1, 4096 // e_pow2), FILL=1024,
+        BLOCK_M=block_m, E_POW2=e_pow2, CHUNKS_PER_STEP=max(16, 4096 // e_pow2), FILL=1024,
     )  # fmt: skip
     _align_scatter_kernel[(num_chunks,)](
         expert_ids, rank, chunk_base, offsets, sorted_ids, pair_row, num_pairs, E_POW2=e_pow2, CHUNK=chunk
