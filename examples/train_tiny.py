@@ -230,6 +230,9 @@ def main(argv=None):
         verify_checkpoint(model, staging, tokenizer)
         if args.output_dir.exists():
             shutil.rmtree(args.output_dir)
+        staging.chmod(0o755)  # mkdtemp makes it private; the checkpoint ships inside the package
+        for path in staging.iterdir():
+            path.chmod(0o644)
         staging.rename(args.output_dir)
     finally:
         shutil.rmtree(staging, ignore_errors=True)

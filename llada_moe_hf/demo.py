@@ -183,56 +183,90 @@ def add_arguments(parser):
     parser.add_argument("--batch-size", type=int, default=128)
     parser.add_argument("--no-stream", action="store_true", help="print answers without drawing the drafts")
     parser.add_argument("--sleep", type=float, default=0.05, help="pause between drafts, seconds (default 0.05)")
-    parser.add_argument("--threads", type=int, default=None, help="torch CPU threads")
+    parser.add_argument("--threads", type=int, default=0, help="torch CPU threads (default: torch's choice)")
 
 
 def run(args) -> int:
+    """Export the checkpoint as a custom-code repo, then answer and measure in a fresh Python process.
+
+    A fresh process, because this one has imported llada_moe_hf, whose Auto registration transformers prefers
+    over a repo's custom code: only a process without the package shows what a Hub user gets.
+    """
+    import subprocess
+    import sys
     import tempfile
+
+    if not (args.model / "config.json").is_file():
+        raise ValueError(f"{args.model} has no config.json: pass --model a checkpoint directory (or leave it out).")
+    if args.show < 0 or args.eval < 1 or args.batch_size < 1 or args.threads < 0:
+        raise ValueError("--show and --threads must be >= 0, --eval and --batch-size >= 1.")
+    with tempfile.TemporaryDirectory(prefix="llada-moe-demo-") as tmp:
+        repo = export_custom_code(args.model, Path(tmp))
+        print(f"Converted {args.model} into a custom-code repo ({', '.join(sorted(p.name for p in repo.glob('*.py')))})")
+        worker = [sys.executable, str(Path(__file__).resolve()), str(repo), str(args.show), str(args.eval)]
+        worker += [str(args.batch_size), str(int(args.no_stream)), str(args.sleep), str(args.threads)]
+        return subprocess.run(worker, check=False).returncode
+
+
+def worker(repo, show, eval_count, batch_size, no_stream, sleep, threads) -> int:
+    """The demo proper, run where llada_moe_hf is not imported: plain transformers + the repo's code."""
+    import sys
 
     import torch
     from transformers import AutoModel, AutoTokenizer, TextDiffusionStreamer
 
-    if not (args.model / "config.json").is_file():
-        raise ValueError(f"{args.model} has no config.json: pass --model a checkpoint directory (or leave it out).")
-    if args.show < 0 or args.eval < 1 or args.batch_size < 1:
-        raise ValueError("--show must be >= 0, --eval and --batch-size >= 1.")
-    if args.threads:
-        torch.set_num_threads(args.threads)
+    if threads:
+        torch.set_num_threads(threads)
+    model = AutoModel.from_pretrained(repo, trust_remote_code=True).eval()
+    tokenizer = AutoTokenizer.from_pretrained(repo, trust_remote_code=True)
+    n_params = sum(p.numel() for p in model.parameters())
+    cfg = model.config
+    print(
+        f"Loaded {type(model).__name__} from {type(model).__module__} with AutoModel.from_pretrained(repo, "
+        f"trust_remote_code=True) (llada_moe_hf imported: {'llada_moe_hf' in sys.modules}): "
+        f"{n_params / 1e6:.2f}M parameters, {cfg.num_hidden_layers} layers, {cfg.num_experts} experts "
+        f"(top-{cfg.num_experts_per_tok}) per layer."
+    )
 
-    with tempfile.TemporaryDirectory(prefix="llada-moe-demo-") as tmp:
-        repo = export_custom_code(args.model, Path(tmp))
-        model = AutoModel.from_pretrained(repo, trust_remote_code=True).eval()
-        tokenizer = AutoTokenizer.from_pretrained(repo, trust_remote_code=True)
-        n_params = sum(p.numel() for p in model.parameters())
-        cfg = model.config
-        print(
-            f"Loaded {type(model).__name__} from a custom-code repo ({type(model).__module__}) with "
-            f"AutoModel.from_pretrained(trust_remote_code=True): {n_params / 1e6:.2f}M parameters, "
-            f"{cfg.num_hidden_layers} layers, {cfg.num_experts} experts (top-{cfg.num_experts_per_tok}) per layer."
-        )
+    for task, digits in held_out_questions(show, seed=7):
+        print(f"\nQ: {question_text(task, digits)}    (expected: {format_digits(task_answer(task, digits))})\nA: ", end="")
+        ids = tokenizer(chat_prompt(tokenizer, task, digits), return_tensors="pt", add_special_tokens=False)
+        streamer = None
+        if not no_stream:
+            streamer = TextDiffusionStreamer(tokenizer, skip_prompt=True, sleep_time=sleep, skip_special_tokens=False)
+        with torch.inference_mode():
+            out = model.generate(**ids, streamer=streamer, **generation_kwargs(tokenizer))
+        answer = tokenizer.decode(out.sequences[0, ids.input_ids.shape[1] :], skip_special_tokens=True)
+        verdict = "correct" if parse_answer(answer) == task_answer(task, digits) else "WRONG"
+        if no_stream:
+            print(answer, end="")
+        print(f"\n   -> {answer!r}: {verdict}, {out.nfe} forward passes (exact sampler)")
 
-        questions = held_out_questions(max(args.show, 0), seed=7)
-        for task, digits in questions:
-            print(f"\nQ: {question_text(task, digits)}    (expected: {format_digits(task_answer(task, digits))})\nA: ", end="")
-            ids = tokenizer(chat_prompt(tokenizer, task, digits), return_tensors="pt", add_special_tokens=False)
-            streamer = None
-            if not args.no_stream:
-                streamer = TextDiffusionStreamer(tokenizer, skip_prompt=True, sleep_time=args.sleep, skip_special_tokens=False)
-            with torch.inference_mode():
-                out = model.generate(**ids, streamer=streamer, **generation_kwargs(tokenizer))
-            answer = tokenizer.decode(out.sequences[0, ids.input_ids.shape[1] :], skip_special_tokens=True)
-            verdict = "correct" if parse_answer(answer) == task_answer(task, digits) else "WRONG"
-            if args.no_stream:
-                print(answer, end="")
-            print(f"\n   -> {answer!r}: {verdict}, {out.nfe} forward passes")
-
-        print(f"\nHeld-out questions (never seen in training): {args.eval}, batches of {args.batch_size}, CPU threads {torch.get_num_threads()}")
-        results = evaluate_samplers(model, tokenizer, held_out_questions(args.eval), args.batch_size)
-        print(format_table(results))
-        exact, fast = results["exact"], results["threshold 0.9 + dual cache"]
-        print(
-            f"threshold 0.9 + dual cache vs exact: {exact['forwards_per_batch'] / fast['forwards_per_batch']:.1f}x fewer "
-            f"forward passes, {fast['tokens_per_second'] / max(exact['tokens_per_second'], 1e-9):.1f}x the tokens/s, accuracy "
-            f"{100 * (fast['accuracy'] - exact['accuracy']):+.1f} points."
-        )
+    print(
+        f"\nHeld-out questions (never seen in training): {eval_count}, batches of {batch_size}, "
+        f"{torch.get_num_threads()} CPU threads"
+    )
+    results = evaluate_samplers(model, tokenizer, held_out_questions(eval_count), batch_size)
+    print(format_table(results))
+    exact, fast = results["exact"], results["threshold 0.9 + dual cache"]
+    print(
+        f"threshold 0.9 + dual cache vs exact: {exact['forwards_per_batch'] / fast['forwards_per_batch']:.1f}x fewer "
+        f"forward passes, {fast['tokens_per_second'] / max(exact['tokens_per_second'], 1e-9):.1f}x the tokens/s, "
+        f"accuracy {100 * (fast['accuracy'] - exact['accuracy']):+.1f} points."
+    )
     return 0
+
+
+if __name__ == "__main__":
+    # Run as a script by `run` (never imported as part of the package here). Drop this file's folder from the
+    # import path so that its sibling modules cannot shadow anything.
+    import sys
+
+    if sys.path and Path(sys.path[0]).resolve() == Path(__file__).resolve().parent:
+        sys.path.pop(0)
+    repo_arg, show_arg, eval_arg, batch_arg, no_stream_arg, sleep_arg, threads_arg = sys.argv[1:]
+    sys.exit(
+        worker(
+            repo_arg, int(show_arg), int(eval_arg), int(batch_arg), bool(int(no_stream_arg)), float(sleep_arg), int(threads_arg)
+        )
+    )

@@ -24,7 +24,7 @@ from llada_moe_hf.demo import (
 )
 
 
-HELD_OUT = 256
+HELD_OUT = 200
 
 
 @pytest.fixture(scope="module")
@@ -102,12 +102,13 @@ def test_asset_is_in_the_release_layout(tiny):
     assert tokenizer.unk_token_id not in tokenizer(prompt).input_ids
 
 
-def test_demo_command_exits_zero(capsys):
+def test_demo_command_exits_zero(capfd):
     from llada_moe_hf.cli import main
 
     assert main(["demo", "--show", "1", "--eval", "32", "--batch-size", "32", "--sleep", "0"]) == 0
-    out = capsys.readouterr().out
-    assert "trust_remote_code=True" in out and "transformers_modules" in out  # loaded as Hub custom code
+    out = capfd.readouterr().out  # the demo runs in a child process: capture at the file-descriptor level
+    # Loaded as Hub custom code, in a process where the installed package is not imported.
+    assert "from transformers_modules." in out and "llada_moe_hf imported: False" in out
     assert "<|mask|>" in out  # the streamed drafts show masked positions being filled
     assert "correct" in out or "WRONG" in out
     for name in ("exact", "threshold 0.9 + dual cache"):
