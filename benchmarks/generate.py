@@ -13,7 +13,7 @@ Random weights: the exact and cache modes use a fixed schedule (`steps`, so `max
 forward whatever the weights predict); their time per denoising step is the figure to compare with the
 weight-streaming floor of one forward on an H100 (about 4.7 ms at batch 1, benchmarks' reference notes
 perf_anchors.md). Threshold modes commit as many tokens as clear the threshold, which depends on the weights:
-the output layer is sharpened (`--sharpen`, default 40x) so that the random model makes confident predictions;
+the output layer is sharpened (`--sharpen`, default 25x) so that the random model makes confident predictions;
 their tokens/forward are illustrative only, their ms per step are real.
 
 Prints a table and writes JSON (machine, versions, shapes, dtype, settings, timings, ratios) to --json.
@@ -74,12 +74,15 @@ def build_model(config, device: str, dtype: torch.dtype, args) -> LLaDAMoEForDif
     try:
         with torch.device(device):
             model = LLaDAMoEForDiffusionLM._from_config(
-                config, attn_implementation=args.attn, experts_implementation=args.experts
+                config, dtype=dtype, attn_implementation=args.attn, experts_implementation=args.experts
             )
     finally:
         torch.set_default_dtype(default_dtype)
     with torch.no_grad():
         model.lm_head.weight.mul_(args.sharpen)
+        # A trained model never predicts the mask token; a random one would, and the reference sampler then
+        # leaves that position masked.
+        model.lm_head.weight[config.mask_token_id].zero_()
     return model.eval()
 
 
@@ -88,25 +91,35 @@ def synchronize(device):
         torch.cuda.synchronize()
 
 
-def time_mode(model, prompt, settings, args, device) -> dict:
-    kwargs = dict(
+def mode_kwargs(settings, args) -> dict:
+    return dict(
         max_new_tokens=args.gen_length, block_length=args.block_length, steps=args.gen_length // args.tokens_per_step,
         stop_at_eos=False, return_dict_in_generate=True, **settings,
     )
-    # Warm-up on one block (allocator, kernels, autotuning) before timing.
-    model.generate(prompt, **{**kwargs, "max_new_tokens": args.block_length, "steps": kwargs["steps"] // (args.gen_length // args.block_length)})
-    runs = []
-    for _ in range(args.repeats):
-        synchronize(device)
-        start = time.perf_counter()
-        out = model.generate(prompt, **kwargs)
-        synchronize(device)
-        runs.append((time.perf_counter() - start, out))
+
+
+def warm_up(model, prompt, settings, args):
+    """One block (allocator, kernels, autotuning) before timing."""
+    kwargs = mode_kwargs(settings, args)
+    blocks = args.gen_length // args.block_length
+    model.generate(prompt, **{**kwargs, "max_new_tokens": args.block_length, "steps": kwargs["steps"] // blocks})
+
+
+def time_once(model, prompt, settings, args, device):
+    synchronize(device)
+    start = time.perf_counter()
+    out = model.generate(prompt, **mode_kwargs(settings, args))
+    synchronize(device)
+    return time.perf_counter() - start, out
+
+
+def summarize(runs, prompt, args) -> dict:
     seconds = statistics.median(r[0] for r in runs)
     out = runs[0][1]
     tokens = prompt.shape[0] * args.gen_length
     return {
         "seconds": seconds,
+        "seconds_all_runs": [r[0] for r in runs],
         "tokens_per_s": tokens / seconds,
         "forward_passes": out.nfe,
         "tokens_per_forward": out.tokens_per_forward.mean().item(),
@@ -141,7 +154,8 @@ def main(argv=None):
     parser.add_argument("--gen-length", type=int, default=None, help="default 256 with --real-shape, else 64")
     parser.add_argument("--block-length", type=int, default=32)
     parser.add_argument("--tokens-per-step", type=int, default=1, help="fixed schedule: steps = gen_length / this")
-    parser.add_argument("--sharpen", type=float, default=40.0, help="scale of the random output layer")
+    parser.add_argument("--sharpen", type=float, default=25.0, help="scale of the random output layer")
+    parser.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's)")
     parser.add_argument("--repeats", type=int, default=None, help="timed runs per mode (median); default 3 GPU, 1 CPU")
     parser.add_argument("--modes", default=",".join(MODES), help=f"comma-separated subset of {list(MODES)}")
     parser.add_argument("--json", default=None, help="where to write the results (default benchmarks/results/...)")
@@ -159,6 +173,8 @@ def main(argv=None):
     if args.gen_length % args.block_length or (args.gen_length // args.tokens_per_step) % (args.gen_length // args.block_length):
         parser.error("--gen-length must be a multiple of --block-length, and the steps a multiple of the blocks")
 
+    if args.threads:
+        torch.set_num_threads(args.threads)
     torch.manual_seed(0)
     config = model_config(args)
     start = time.perf_counter()
@@ -166,9 +182,13 @@ def main(argv=None):
     build_seconds = time.perf_counter() - start
     prompt = torch.randint(0, config.vocab_size - 2, (args.batch_size, args.prompt_length), device=args.device)
 
-    results = {}
     for name in modes:
-        results[name] = time_mode(model, prompt, MODES[name], args, args.device)
+        warm_up(model, prompt, MODES[name], args)
+    runs = {name: [] for name in modes}
+    for _ in range(args.repeats):  # round-robin, so that a busy machine slows every mode alike
+        for name in modes:
+            runs[name].append(time_once(model, prompt, MODES[name], args, args.device))
+    results = {name: summarize(runs[name], prompt, args) for name in modes}
     exact = results.get("exact")
 
     shapes = {
@@ -178,7 +198,7 @@ def main(argv=None):
         "batch_size": args.batch_size, "prompt_length": args.prompt_length, "gen_length": args.gen_length,
         "block_length": args.block_length, "steps": args.gen_length // args.tokens_per_step,
     }
-    title = f"LLaDA-MoE generate() on {args.device}, {dtype}, " + ", ".join(f"{k}={v}" for k, v in shapes.items())
+    title = f"LLaDA-MoE generate() on {args.device}, {model.dtype}, " + ", ".join(f"{k}={v}" for k, v in shapes.items())
     print(title)
     header = f"{'mode':<16}{'tokens/s':>10}{'fwd passes':>12}{'tok/fwd':>9}{'ms/step':>10}{'speedup':>9}{'same as exact':>15}"
     if big or args.device.startswith("cuda"):
@@ -210,7 +230,7 @@ def main(argv=None):
             "llada_moe_hf": llada_moe_hf.__version__,
         },
         "device": args.device,
-        "dtype": str(dtype).replace("torch.", ""),
+        "dtype": str(model.dtype).replace("torch.", ""),
         "attn_implementation": model.config._attn_implementation,
         "experts_implementation": model.config._experts_implementation,
         "shapes": shapes,

@@ -394,9 +394,10 @@ class DiffusionGenerationMixin:
     def _prepare_diffusion_config(self, generation_config, kwargs) -> DiffusionGenerationConfig:
         """Priority: keyword arguments > `generation_config` > `model.generation_config` > defaults."""
         model_config = getattr(self, "generation_config", None)
-        model_config = DiffusionGenerationConfig.from_generation_config(model_config) if model_config else None
+        if model_config is not None:
+            model_config = DiffusionGenerationConfig.from_generation_config(model_config)
         if generation_config is None:
-            config = model_config or DiffusionGenerationConfig()
+            config = model_config if model_config is not None else DiffusionGenerationConfig()
         else:
             config = DiffusionGenerationConfig.from_generation_config(generation_config)
             if model_config is not None:
