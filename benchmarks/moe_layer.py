@@ -129,10 +129,12 @@ def accuracy(dims, device, num_tokens):
                 continue  # torch's CUDA grouped GEMM is bf16-only
             out, grads = fwd_bwd(experts, impl, x, index, weights, grad_out)
             names = ("x", "routing_weights", "gate_up_proj", "down_proj")
-            row = {"dtype": str(dtype).split(".")[-1], "impl": impl, "tokens": num_tokens, "out": norm_err(out, ref_out)}
+            row = {"dtype": str(dtype).split(".")[-1], "impl": impl, "tokens": num_tokens}
+            row["out"] = norm_err(out, ref_out)
             row.update({f"grad_{n}": norm_err(g, r) for n, g, r in zip(names, grads, ref_grads)})
             rows.append(row)
-            print(f"  accuracy {row['dtype']:>8} {impl:>10}: " + ", ".join(f"{k}={v:.2e}" for k, v in row.items() if k not in ("dtype", "impl", "tokens")))
+            errors = ", ".join(f"{k}={v:.2e}" for k, v in row.items() if k not in ("dtype", "impl", "tokens"))
+            print(f"  accuracy {row['dtype']:>8} {impl:>10}: {errors}")
         del experts
     return rows
 
@@ -178,9 +180,12 @@ def tune(dims, device, token_counts, smoke=False):
                 for gemm in gemms:
                     config = {"BLOCK_M": block_m, "gate_up": gemm, "down": gemm}
                     if kernel == "gate_up":
-                        fn = lambda: fused._launch_gate_up(x, experts.gate_up_proj, sorted_ids, block_expert, dims["k"], config, False)  # noqa: E731
+                        args = (x, experts.gate_up_proj, sorted_ids, block_expert, dims["k"], config, False)
+                        launch = fused._launch_gate_up
                     else:
-                        fn = lambda: fused._launch_down(h, experts.down_proj, routing, sorted_ids, block_expert, index.numel(), config)  # noqa: E731
+                        args = (h, experts.down_proj, routing, sorted_ids, block_expert, index.numel(), config)
+                        launch = fused._launch_down
+                    fn = lambda: launch(*args)  # noqa: E731
                     try:
                         ms = bench(fn, device, warmup_ms=5, rep_ms=25)
                     except Exception as err:  # e.g. a tile needing more shared memory than the GPU has
@@ -273,9 +278,13 @@ def print_layer_row(row):
         cols.append(f"{impl} {row[f'{impl}_fwd_ms']:.3f}")
     if row.get("fused_moe_graph_fwd_ms"):
         cols.append(f"graph {row['fused_moe_graph_fwd_ms']:.3f}")
-    cols.append(f"x{row['fwd_speedup_vs_grouped_mm']:.2f} vs gmm, {100 * row['fused_moe_fwd_frac_copy_bw']:.0f}% copy bw, {row['fused_moe_fwd_TFLOPs']:.0f} TF/s")
+    cols.append(
+        f"x{row['fwd_speedup_vs_grouped_mm']:.2f} vs gmm, {100 * row['fused_moe_fwd_frac_copy_bw']:.0f}% copy bw, "
+        f"{row['fused_moe_fwd_TFLOPs']:.0f} TF/s"
+    )
     if "fused_moe_fwdbwd_ms" in row:
-        cols.append("fwd+bwd " + " / ".join(f"{row[f'{impl}_fwdbwd_ms']:.3f}" for impl in IMPLS) + f" x{row['fwdbwd_speedup_vs_grouped_mm']:.2f}")
+        times = " / ".join(f"{row[f'{impl}_fwdbwd_ms']:.3f}" for impl in IMPLS)
+        cols.append(f"fwd+bwd {times} x{row['fwdbwd_speedup_vs_grouped_mm']:.2f}")
     print("  " + " | ".join(cols), flush=True)
 
 
@@ -315,7 +324,8 @@ def full_forward(device, token_counts, copy_gbs, smoke=False):
         if row.get("fused_moe_graph_ms"):
             row["fused_graph_over_floor"] = row["fused_moe_graph_ms"] / row["floor_ms"]
         rows.append(row)
-        print(f"  full forward T={num_tokens}: " + ", ".join(f"{k}={v:.3f}" if isinstance(v, float) else f"{k}={v}" for k, v in row.items()), flush=True)
+        shown = ", ".join(f"{k}={v:.3f}" if isinstance(v, float) else f"{k}={v}" for k, v in row.items())
+        print(f"  full forward T={num_tokens}: {shown}", flush=True)
     del model
     return rows
 
@@ -423,7 +433,8 @@ def main():
     section("layer", lambda: layer_benchmark(dims, device, tokens, copy_gbs, with_backward=not args.no_backward))
     if args.full:
         print("full forward (ms per step, batch 1, bf16):", flush=True)
-        section("full_forward", lambda: full_forward(device, [16, 32] if args.smoke else [64, 256, 1024], copy_gbs, args.smoke))
+        full_tokens = [16, 32] if args.smoke else [64, 256, 1024]
+        section("full_forward", lambda: full_forward(device, full_tokens, copy_gbs, args.smoke))
     print("done", flush=True)
 
 

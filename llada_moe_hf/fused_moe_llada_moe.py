@@ -270,9 +270,11 @@ if triton is not None:
             grad_h = _round(grad_act * weight, out_ty, INTERPRET_BF16)
             grad_up = grad_h * gate * sig
             grad_gate = grad_h * up * sig * (1.0 + gate * (1.0 - sig))
+            grad_gate_out = _round(grad_gate, out_ty, INTERPRET_BF16).to(out_ty)
+            grad_up_out = _round(grad_up, out_ty, INTERPRET_BF16).to(out_ty)
             tl.store(h_ptr + row * stride_h + offs, h.to(out_ty), mask=ok)
-            tl.store(grad_gu_ptr + row * stride_ggu + offs, _round(grad_gate, out_ty, INTERPRET_BF16).to(out_ty), mask=ok)
-            tl.store(grad_gu_ptr + row * stride_ggu + N + offs, _round(grad_up, out_ty, INTERPRET_BF16).to(out_ty), mask=ok)
+            tl.store(grad_gu_ptr + row * stride_ggu + offs, grad_gate_out, mask=ok)
+            tl.store(grad_gu_ptr + row * stride_ggu + N + offs, grad_up_out, mask=ok)
         tl.store(grad_routing_ptr + row, tl.sum(dot, axis=0))
 
 
@@ -568,20 +570,21 @@ def fused_moe_experts_forward(
             f'experts_implementation="{FUSED_MOE_NAME}" cannot run here: {reason}. Use experts_implementation='
             '"grouped_mm" or "eager" instead (model.set_experts_implementation("grouped_mm")).'
         )
+    name = f'experts_implementation="{FUSED_MOE_NAME}"'
     if getattr(self, "_is_expert_parallel", False) or getattr(self, "has_bias", False):
-        raise NotImplementedError(f'experts_implementation="{FUSED_MOE_NAME}" supports neither expert parallelism nor expert biases.')
+        raise NotImplementedError(f"{name} supports neither expert parallelism nor expert biases.")
     if getattr(self, "is_transposed", False) or not getattr(self, "has_gate", True):
-        raise NotImplementedError(f'experts_implementation="{FUSED_MOE_NAME}" expects gate_up_proj [E, 2I, H] and down_proj [E, H, I].')
-    act = getattr(self.act_fn, "__class__", type(None)).__name__
+        raise NotImplementedError(f"{name} expects gate_up_proj [E, 2I, H] and down_proj [E, H, I].")
+    act = type(self.act_fn).__name__
     if act not in ("SiLUActivation", "SiLU"):
-        raise NotImplementedError(f'experts_implementation="{FUSED_MOE_NAME}" fuses SiLU only; this model uses {act}.')
+        raise NotImplementedError(f"{name} fuses SiLU only; this model uses {act}.")
 
     # Read through the module attributes on every call (PEFT's LoRA reparametrises them).
     gate_up_proj, down_proj = self.gate_up_proj, self.down_proj
     if gate_up_proj.dtype not in (torch.float32, torch.bfloat16, torch.float16):
         raise ValueError(
-            f'experts_implementation="{FUSED_MOE_NAME}" runs in float32, bfloat16 or float16, not {gate_up_proj.dtype}; '
-            "convert the model (model.to(torch.bfloat16)) or use the eager experts."
+            f"{name} runs in float32, bfloat16 or float16, not {gate_up_proj.dtype}; convert the model "
+            "(model.to(torch.bfloat16)) or use the eager experts."
         )
     if hidden_states.shape[0] == 0:
         return torch.zeros_like(hidden_states)

@@ -190,7 +190,10 @@ def test_lora_on_experts_trains_through_fused_moe():
     torch.manual_seed(0)
     base = LLaDAMoEForDiffusionLM(tiny_config()).eval()
     lora = peft.LoraConfig(
-        r=2, lora_alpha=4, target_modules=["q_proj"], target_parameters=["mlp.experts.gate_up_proj", "mlp.experts.down_proj"]
+        r=2,
+        lora_alpha=4,
+        target_modules=["q_proj"],
+        target_parameters=["mlp.experts.gate_up_proj", "mlp.experts.down_proj"],
     )
     model = peft.get_peft_model(base, lora)
     for name, param in model.named_parameters():  # non-zero B so the adapters change the output
