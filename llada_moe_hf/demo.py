@@ -105,8 +105,6 @@ def evaluate(model, tokenizer, questions, batch_size: int = 64, **sampler) -> di
     tokens per forward (mean over answers) and generated tokens per second (eos padding not counted)."""
     import time
 
-    import torch
-
     correct, nfe, batches, tokens_per_forward, tokens, seconds = 0, 0, 0, [], 0, 0.0
     stop_ids = {tokenizer.eos_token_id, tokenizer.pad_token_id}
     for start in range(0, len(questions), batch_size):
