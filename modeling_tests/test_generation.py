@@ -26,6 +26,15 @@ MASK = 363
 EOS = 360
 
 
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    """These models are tiny: one thread is as fast, and does not thrash when the CPU is shared."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 # The golden tests run the default experts implementation; the other tests use the eager one, which is
 # faster for these tiny shapes on a CPU.
 @pytest.fixture(scope="module")
@@ -472,7 +481,7 @@ def test_generate_from_hub_custom_code(model, tmp_path):
         model.save_pretrained(tmp_path / "repo")
     finally:
         model.generation_config = DiffusionGenerationConfig()
-    env = dict(os.environ, HF_MODULES_CACHE=str(tmp_path / "modules"), HF_HUB_OFFLINE="1")
+    env = dict(os.environ, HF_MODULES_CACHE=str(tmp_path / "modules"), HF_HUB_OFFLINE="1", OMP_NUM_THREADS="1")
     proc = subprocess.run(
         [sys.executable, "-c", REMOTE_SCRIPT, str(tmp_path / "repo"), str(FIXTURE_DIR / "golden.safetensors")],
         cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300,
