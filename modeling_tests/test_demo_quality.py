@@ -37,8 +37,14 @@ def tiny():
 @pytest.fixture(scope="module")
 def results(tiny):
     model, tokenizer = tiny
-    results = evaluate_samplers(model, tokenizer, held_out_questions(HELD_OUT), batch_size=128)
-    print(f"\n{HELD_OUT} held-out questions, batches of 128, {torch.get_num_threads()} CPU threads\n{format_table(results)}")
+    # One thread: the model is tiny, and two threads on a busy 2-core machine run ~30x slower (oversubscription).
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        results = evaluate_samplers(model, tokenizer, held_out_questions(HELD_OUT), batch_size=128)
+    finally:
+        torch.set_num_threads(threads)
+    print(f"\n{HELD_OUT} held-out questions, batches of 128, 1 CPU thread\n{format_table(results)}")
     return results
 
 
