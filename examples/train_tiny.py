@@ -6,7 +6,7 @@ chat template; each response is the answer, <|role_end|>, then <|endoftext|> pad
 length, as LLaDA SFT does. Training uses this package's own path: LLaDAMoEDataCollator (SFT mode: only the
 response is noised, one t per sequence) and the masked-diffusion loss of LLaDAMoEForDiffusionLM.forward.
 
-    python examples/train_tiny.py --output-dir /tmp/tiny            # ~10 min alone on 2 CPU cores (14 min shared)
+    python examples/train_tiny.py --output-dir /tmp/tiny            # ~10 min alone on 2 CPU cores (14-18 min shared)
     python examples/train_tiny.py --output-dir llada_moe_hf/assets/tiny --overwrite   # refresh the asset
 
 The checkpoint is written in the Hub release's layout (model_type "llada", architectures ["LLaDAMoEModelLM"],
