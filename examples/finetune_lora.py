@@ -89,10 +89,12 @@ def read_jsonl(path: Path) -> list[dict]:
 def load_model_and_tokenizer(args, dtype):
     if args.model:
         tokenizer = AutoTokenizer.from_pretrained(args.model, trust_remote_code=args.trust_remote_code)
-        model = AutoModel.from_pretrained(
-            args.model, dtype=dtype, trust_remote_code=args.trust_remote_code,
-            experts_implementation=args.experts_implementation,
-        )
+        kwargs = dict(dtype=dtype, experts_implementation=args.experts_implementation)
+        if args.trust_remote_code:
+            model = AutoModel.from_pretrained(args.model, trust_remote_code=True, **kwargs)
+        else:
+            # The class, not AutoModel: it also loads the Hub release, whose model_type "llada" is no Auto key.
+            model = LLaDAMoEForDiffusionLM.from_pretrained(args.model, **kwargs)
         return model, tokenizer, args.model
     from llada_moe_hf.demo import TINY_ASSET_DIR
 
