@@ -106,6 +106,8 @@ def apply_rotary_pos_emb(q, k, cos, sin, unsqueeze_dim=1):
     rotary_dim = cos.shape[-1]
     cos = cos.unsqueeze(unsqueeze_dim)
     sin = sin.unsqueeze(unsqueeze_dim)
+    if rotary_dim == q.shape[-1]:  # full rotary (the released config): no split and concatenation copies
+        return (q * cos) + (rotate_half(q) * sin), (k * cos) + (rotate_half(k) * sin)
     q_rot, q_pass = q[..., :rotary_dim], q[..., rotary_dim:]
     k_rot, k_pass = k[..., :rotary_dim], k[..., rotary_dim:]
     q_embed = torch.cat(((q_rot * cos) + (rotate_half(q_rot) * sin), q_pass), dim=-1)
