@@ -8,7 +8,6 @@ Run with `-s` to see the figures (they are also in docs/readme/demo.md).
 import json
 
 import pytest
-import torch
 from safetensors import safe_open
 from transformers import PreTrainedTokenizerFast
 
@@ -37,13 +36,7 @@ def tiny():
 @pytest.fixture(scope="module")
 def results(tiny):
     model, tokenizer = tiny
-    # One thread: the model is tiny, and two threads on a busy 2-core machine run ~30x slower (oversubscription).
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        results = evaluate_samplers(model, tokenizer, held_out_questions(HELD_OUT), batch_size=128)
-    finally:
-        torch.set_num_threads(threads)
+    results = evaluate_samplers(model, tokenizer, held_out_questions(HELD_OUT), batch_size=128)  # 1 thread: conftest
     print(f"\n{HELD_OUT} held-out questions, batches of 128, 1 CPU thread\n{format_table(results)}")
     return results
 

@@ -26,15 +26,6 @@ MASK = 363
 EOS = 360
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """These models are tiny: one thread is as fast, and does not thrash when the CPU is shared."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 # The golden tests run the default experts implementation; the other tests use the eager one, which is
 # faster for these tiny shapes on a CPU.
 @pytest.fixture(scope="module")
