@@ -104,8 +104,6 @@ def load_model(src_dir: Path, layout: str, config_dict: dict, dtype="auto") -> L
             f"{src_dir} has {len(unexpected)} tensor(s) the model does not use: {unexpected[:10]}. Refusing to drop "
             "them silently: check that config.json matches the weights."
         )
-    # The output layout is chosen at save time, not inherited from how the source was loaded.
-    model._weight_conversions = None
     return model.eval()
 
 

@@ -428,7 +428,14 @@ class LLaDAMoEPreTrainedModel(PreTrainedModel):
             type(self).register_for_auto_class("AutoModel")
         if type(self.config)._auto_class is None:
             type(self.config).register_for_auto_class("AutoConfig")
-        return super().save_pretrained(save_directory, *args, **kwargs)
+        # transformers reverts only the conversions used at load time: a model loaded from fused (or dInfer-named)
+        # weights would be saved that way. Reverting the registered mapping always gives the release's names.
+        loaded_conversions = getattr(self, "_weight_conversions", None)
+        self._weight_conversions = None
+        try:
+            return super().save_pretrained(save_directory, *args, **kwargs)
+        finally:
+            self._weight_conversions = loaded_conversions
 
 
 class LLaDAMoEModel(LLaDAMoEPreTrainedModel):

@@ -157,6 +157,11 @@ def test_fused_save_roundtrip(tmp_path, golden):
     reloaded = LLaDAMoEForDiffusionLM.from_pretrained(tmp_path)
     with torch.no_grad():
         torch.testing.assert_close(reloaded(golden["logits.input_ids"]).logits, golden["logits.logits"], rtol=0, atol=1e-5)
+    # Saved again by default, a model loaded from fused weights writes the release's per-expert names.
+    reloaded.save_pretrained(tmp_path / "resaved")
+    keys = set(load_file(tmp_path / "resaved" / "model.safetensors"))
+    assert "model.layers.0.mlp.experts.3.gate_proj.weight" in keys
+    assert not any(k.endswith("gate_up_proj") for k in keys)
 
 
 REMOTE_SCRIPT = textwrap.dedent(
