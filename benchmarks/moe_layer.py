@@ -6,7 +6,10 @@ One run measures, side by side on the same device:
   * (--tune) a sweep of tile configurations per token count, used for the rest of the run and written out so it
     can be copied into llada_moe_hf/fused_moe_configs_llada_moe.py;
   * time per layer, forward and forward+backward, for 8..4096 tokens, with effective bandwidth, TFLOP/s and the
-    ratios fused_moe / grouped_mm; the fused forward also inside a CUDA graph;
+    ratios fused_moe / grouped_mm; the grouped_mm and fused forwards also replayed from CUDA graphs (GPU time
+    against GPU time), and the host time per call of each (where it exceeds the GPU time, eager timings
+    measure Python and launches, not the kernels);
+  * the routing step alone in one launch and in three (`align_routing(single_launch=...)`), eager, host and graph;
   * (--full) a full-size forward (16 layers, real dims, random bf16 weights) in ms per step at 64/256/1024 tokens
     against the weight-streaming floor, and whether the step captures into a CUDA graph.
 
@@ -57,6 +60,23 @@ def bench(fn, device, warmup_ms=25, rep_ms=100):
         start = time.perf_counter()
         fn()
         times.append((time.perf_counter() - start) * 1e3)
+    return statistics.median(times)
+
+
+def host_ms(fn, device, calls=20):
+    """Milliseconds of host (Python + launch) time per call: calls are queued back to back without a sync, so the
+    GPU never holds the host back. Where this is above the GPU time, eager timings measure the host."""
+    fn()
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    times = []
+    for _ in range(5):
+        start = time.perf_counter()
+        for _ in range(calls):
+            fn()
+        times.append((time.perf_counter() - start) * 1e3 / calls)
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
     return statistics.median(times)
 
 
@@ -227,10 +247,13 @@ def layer_benchmark(dims, device, token_counts, copy_gbs, with_backward=True):
                 out = run_layer(experts, impl, x, index, weights)
                 row[f"{impl}_err_vs_eager"] = norm_err(out, ref)
                 row[f"{impl}_fwd_ms"] = bench(lambda: run_layer(experts, impl, x, index, weights), device)
+            for impl in ("grouped_mm", "fused_moe"):
+                row[f"{impl}_host_ms"] = host_ms(lambda: run_layer(experts, impl, x, index, weights), device)
             if device.type == "cuda":
-                row["fused_moe_graph_fwd_ms"] = graph_forward_ms(experts, x, index, weights, ref)
-                block_m = fused.get_config(num_tokens, dims["E"], dims["H"], dims["I"], dims["k"], device)["BLOCK_M"]
-                row["fused_moe_align_ms"] = bench(lambda: fused.align_routing(index, dims["E"], block_m), device)
+                for impl in ("grouped_mm", "fused_moe"):
+                    row[f"{impl}_graph_fwd_ms"] = graph_forward_ms(experts, impl, x, index, weights, ref)
+            block_m = fused.get_config(num_tokens, dims["E"], dims["H"], dims["I"], dims["k"], device)["BLOCK_M"]
+            row.update(align_timings(index, dims["E"], block_m, device))
         if with_backward:
             for impl in IMPLS:
                 row[f"{impl}_fwdbwd_ms"] = bench(lambda: fwd_bwd(experts, impl, x, index, weights, grad_out), device)
@@ -239,8 +262,11 @@ def layer_benchmark(dims, device, token_counts, copy_gbs, with_backward=True):
         row["fused_moe_fwd_frac_copy_bw"] = row["fused_moe_fwd_GBps"] / copy_gbs
         row["fused_moe_fwd_TFLOPs"] = flops / (fwd * 1e-3) / 1e12
         row["fwd_speedup_vs_grouped_mm"] = row["grouped_mm_fwd_ms"] / fwd
-        if "fused_moe_graph_fwd_ms" in row and row["fused_moe_graph_fwd_ms"]:
+        if row.get("fused_moe_graph_fwd_ms"):
             row["fused_moe_graph_frac_copy_bw"] = nbytes / (row["fused_moe_graph_fwd_ms"] * 1e-3) / 1e9 / copy_gbs
+            if row.get("grouped_mm_graph_fwd_ms"):  # both replayed from CUDA graphs: GPU time against GPU time
+                gmm_graph, fused_graph = row["grouped_mm_graph_fwd_ms"], row["fused_moe_graph_fwd_ms"]
+                row["graph_speedup_vs_grouped_mm_graph"] = gmm_graph / fused_graph
         if with_backward:
             row["fwdbwd_speedup_vs_grouped_mm"] = row["grouped_mm_fwdbwd_ms"] / row["fused_moe_fwdbwd_ms"]
             row["fused_moe_fwdbwd_TFLOPs"] = 3 * flops / (row["fused_moe_fwdbwd_ms"] * 1e-3) / 1e12
@@ -250,9 +276,9 @@ def layer_benchmark(dims, device, token_counts, copy_gbs, with_backward=True):
     return rows
 
 
-def graph_forward_ms(experts, x, index, weights, ref):
-    """The fused forward captured in a CUDA graph (checks it is capturable and gives the same output)."""
-    experts.config._experts_implementation = "fused_moe"
+def graph_forward_ms(experts, impl, x, index, weights, ref):
+    """The forward of `impl` captured in a CUDA graph (checks it is capturable and gives the same output)."""
+    experts.config._experts_implementation = impl
     stream = torch.cuda.Stream()
     stream.wait_stream(torch.cuda.current_stream())
     with torch.cuda.stream(stream):
@@ -264,12 +290,30 @@ def graph_forward_ms(experts, x, index, weights, ref):
         with torch.cuda.graph(graph):
             out = experts(x, index, weights)
     except Exception as err:
-        print(f"  CUDA graph capture failed: {type(err).__name__}: {err}")
+        print(f"  CUDA graph capture of {impl} failed: {type(err).__name__}: {err}")
         return None
     graph.replay()
     torch.cuda.synchronize()
     assert norm_err(out, ref) < 1e-2
     return bench(graph.replay, x.device)
+
+
+def align_timings(index, num_experts, block_m, device):
+    """The routing step alone, in one launch and in three: eager-launch time, host time, and (CUDA) graph time."""
+    row = {}
+    for name, single in (("align_one_launch", True), ("align_three_launches", False)):
+        fn = lambda: fused.align_routing(index, num_experts, block_m, single_launch=single)  # noqa: E731
+        row[f"{name}_ms"] = bench(fn, device)
+        row[f"{name}_host_ms"] = host_ms(fn, device)
+        if device.type == "cuda":
+            graph = torch.cuda.CUDAGraph()
+            fn()
+            torch.cuda.synchronize()
+            with torch.cuda.graph(graph):
+                fn()
+            row[f"{name}_graph_ms"] = bench(graph.replay, device)
+    row["align_one_launch_default"] = index.numel() <= fused.SINGLE_LAUNCH_MAX_PAIRS
+    return row
 
 
 def print_layer_row(row):
@@ -278,6 +322,9 @@ def print_layer_row(row):
         cols.append(f"{impl} {row[f'{impl}_fwd_ms']:.3f}")
     if row.get("fused_moe_graph_fwd_ms"):
         cols.append(f"graph {row['fused_moe_graph_fwd_ms']:.3f}")
+    if row.get("graph_speedup_vs_grouped_mm_graph"):
+        cols.append(f"graph vs gmm graph x{row['graph_speedup_vs_grouped_mm_graph']:.2f}")
+    cols.append(f"host gmm/fused {row['grouped_mm_host_ms']:.3f}/{row['fused_moe_host_ms']:.3f}")
     cols.append(
         f"x{row['fwd_speedup_vs_grouped_mm']:.2f} vs gmm, {100 * row['fused_moe_fwd_frac_copy_bw']:.0f}% copy bw, "
         f"{row['fused_moe_fwd_TFLOPs']:.0f} TF/s"

@@ -13,8 +13,9 @@ multiple of it, so both GEMMs share it) and, per GEMM, BLOCK_N (output columns p
 depth per step), num_warps and num_stages (software pipelining depth).
 
 The H100 entries are the winners of `benchmarks/moe_layer.py --tune` on an H100 80GB HBM3 (torch 2.11, triton 3.6;
-the full sweep is in benchmarks/results/moe_layer_h100_tune.json). They are for 16-bit weights; float32 halves
-BLOCK_K (see `_fit_to_dtype`).
+the full sweep is in benchmarks/results/moe_layer_h100_tune.json). They are for 16-bit weights; float32 caps the
+tiles (see `_fit_to_dtype`). `python benchmarks/kernel_resources.py --candidate M,N,K,WARPS,STAGES` checks, with no
+GPU, that a new entry builds for the GPU without spilling registers and fits in its shared memory.
 """
 
 

@@ -141,6 +141,56 @@ if triton is not None:
         tl.store(pair_row_ptr + pair, row.to(tl.int64), mask=ok)
 
     @triton.jit
+    def _align_single_kernel(
+        expert_ids_ptr, sorted_ids_ptr, block_expert_ptr, offsets_ptr, pair_row_ptr,
+        num_pairs, num_experts, num_rows, num_blocks,
+        BLOCK_M: tl.constexpr, E_POW2: tl.constexpr, CHUNK: tl.constexpr, FILL: tl.constexpr, TILES: tl.constexpr,
+    ):  # fmt: skip
+        """All three routing steps in one program, for decode-sized batches where launches, not work, cost time.
+        Pass 1 counts the pairs of each expert; pass 2 places every pair (stable: chunks in order, ranks within
+        a chunk by a cumulative sum); padding rows are written separately, so no two stores hit one address."""
+        experts = tl.arange(0, E_POW2)
+        lanes = tl.arange(0, CHUNK)
+        counts = tl.zeros((E_POW2,), dtype=tl.int32)
+        for p0 in range(0, num_pairs, CHUNK):
+            pair = p0 + lanes
+            ids = tl.load(expert_ids_ptr + pair, mask=pair < num_pairs, other=E_POW2)
+            counts += tl.sum((ids[:, None] == experts[None, :]).to(tl.int32), axis=0)
+        padded = (counts + BLOCK_M - 1) // BLOCK_M * BLOCK_M
+        padded_end = tl.cumsum(padded, axis=0)
+        padded_start = padded_end - padded
+        tl.store(offsets_ptr + experts, padded_end, mask=experts < num_experts)
+
+        placed = tl.zeros((E_POW2,), dtype=tl.int32)  # pairs of each expert placed by earlier chunks
+        for p0 in range(0, num_pairs, CHUNK):
+            pair = p0 + lanes
+            ok = pair < num_pairs
+            ids = tl.load(expert_ids_ptr + pair, mask=ok, other=E_POW2)
+            onehot = (ids[:, None] == experts[None, :]).to(tl.int32)
+            rank = tl.sum(tl.cumsum(onehot, axis=0) * onehot, axis=1) - 1
+            row = tl.sum(onehot * (padded_start + placed)[None, :], axis=1) + rank
+            tl.store(sorted_ids_ptr + row, pair, mask=ok)
+            tl.store(pair_row_ptr + pair, row.to(tl.int64), mask=ok)
+            placed += tl.sum(onehot, axis=0)
+
+        # Padding: the (at most BLOCK_M - 1) rows after each expert's pairs, then every row past the padded end.
+        pad = tl.arange(0, BLOCK_M)
+        pad_row = (padded_start + counts)[:, None] + pad[None, :]
+        sentinel = num_pairs + tl.zeros((E_POW2, BLOCK_M), dtype=tl.int32)
+        tl.store(sorted_ids_ptr + pad_row, sentinel, mask=pad_row < padded_end[:, None])
+        total = tl.sum(padded, axis=0)
+        fill = tl.arange(0, FILL)
+        for r0 in range(0, num_rows, FILL):
+            r = r0 + fill
+            past_end = (r >= total) & (r < num_rows)
+            tl.store(sorted_ids_ptr + r, num_pairs + tl.zeros((FILL,), dtype=tl.int32), mask=past_end)
+        tiles = tl.arange(0, TILES)  # a [TILES, E_POW2] compare tile stays in registers
+        for start in range(0, num_blocks, TILES):  # expert of each row tile (num_experts past the end)
+            t = start + tiles
+            owner = tl.sum((padded_end[None, :] <= (t * BLOCK_M)[:, None]).to(tl.int32), axis=1)
+            tl.store(block_expert_ptr + t, tl.minimum(owner, num_experts), mask=t < num_blocks)
+
+    @triton.jit
     def _gate_up_kernel(
         x_ptr, w_ptr, h_ptr, gu_ptr, sorted_ids_ptr, block_expert_ptr,
         num_pairs, top_k, num_experts, num_blocks, N, K,
@@ -281,7 +331,12 @@ if triton is not None:
 # ----------------------------------------------------------------------------------------------- routing
 
 
-def align_routing(top_k_index: torch.Tensor, num_experts: int, block_m: int):
+# Up to this many (token, expert) pairs the routing runs as one program (one launch) instead of three launches
+# that each spread over the pairs: decode-sized batches are bound by launches, not by this work.
+SINGLE_LAUNCH_MAX_PAIRS = 1024
+
+
+def align_routing(top_k_index: torch.Tensor, num_experts: int, block_m: int, single_launch: bool | None = None):
     """Sort the (token, slot) pairs by expert (stable) and pad each expert's rows to a multiple of `block_m`.
 
     Returns:
@@ -290,22 +345,35 @@ def align_routing(top_k_index: torch.Tensor, num_experts: int, block_m: int):
         offsets: int32 [num_experts], the padded end row of each expert (cumulative), for grouped GEMMs.
         pair_row: int64 [S], the row of each pair.
     All sizes depend on shapes only (no host sync): num_blocks = ceil(S / block_m) + min(E, S) bounds the tiles.
-    Three small launches (count per chunk, prefix over chunks, scatter), parallel over the pairs.
+    Up to SINGLE_LAUNCH_MAX_PAIRS pairs (or with `single_launch=True`) one program does everything; beyond, three
+    launches parallel over the pairs (count per chunk, prefix over chunks, scatter).
     """
     device = top_k_index.device
     num_pairs = top_k_index.numel()
     num_blocks = -(-num_pairs // block_m) + min(num_experts, num_pairs)
     num_rows = num_blocks * block_m
     e_pow2 = triton.next_power_of_2(num_experts)
+    expert_ids = top_k_index.reshape(-1)
+    if single_launch is None:
+        single_launch = num_pairs <= SINGLE_LAUNCH_MAX_PAIRS
+    pair_row = torch.empty(num_pairs, dtype=torch.int64, device=device)
+    if single_launch:
+        buffer = torch.empty(num_rows + num_blocks + e_pow2, dtype=torch.int32, device=device)
+        sorted_ids, block_expert, offsets = torch.split(buffer, (num_rows, num_blocks, e_pow2))
+        _align_single_kernel[(1,)](
+            expert_ids, sorted_ids, block_expert, offsets, pair_row, num_pairs, num_experts, num_rows, num_blocks,
+            BLOCK_M=block_m, E_POW2=e_pow2, CHUNK=max(16, 8192 // e_pow2), FILL=1024,
+            TILES=max(16, 4096 // e_pow2), num_warps=8,
+        )  # fmt: skip
+        return sorted_ids, block_expert, offsets[:num_experts], pair_row
+
     chunk = max(16, 8192 // e_pow2)  # pairs per program: a [chunk, e_pow2] one-hot tile
     num_chunks = triton.cdiv(num_pairs, chunk)
-    expert_ids = top_k_index.reshape(-1)
     # One int32 allocation, carved up: fewer allocator calls on the decode path.
     sizes = (num_rows, num_blocks, 2 * e_pow2, num_pairs, 2 * num_chunks * e_pow2)
     buffer = torch.empty(sum(sizes), dtype=torch.int32, device=device)
     sorted_ids, block_expert, offsets, rank, chunk_tables = torch.split(buffer, sizes)
     chunk_counts, chunk_base = chunk_tables[: num_chunks * e_pow2], chunk_tables[num_chunks * e_pow2 :]
-    pair_row = torch.empty(num_pairs, dtype=torch.int64, device=device)
     _align_count_kernel[(num_chunks,)](expert_ids, chunk_counts, rank, num_pairs, E_POW2=e_pow2, CHUNK=chunk)
     _align_offsets_kernel[(1,)](
         chunk_counts, chunk_base, sorted_ids, block_expert, offsets,
@@ -315,8 +383,7 @@ def align_routing(top_k_index: torch.Tensor, num_experts: int, block_m: int):
     _align_scatter_kernel[(num_chunks,)](
         expert_ids, rank, chunk_base, offsets, sorted_ids, pair_row, num_pairs, E_POW2=e_pow2, CHUNK=chunk
     )
-    offsets = offsets[:num_experts]
-    return sorted_ids, block_expert, offsets, pair_row
+    return sorted_ids, block_expert, offsets[:num_experts], pair_row
 
 
 def align_routing_reference(top_k_index: torch.Tensor, num_experts: int, block_m: int):
@@ -361,15 +428,18 @@ def _device_name(device: torch.device) -> str:
 
 
 def _fit_to_dtype(config: dict, dtype: torch.dtype) -> dict:
-    """Tables are tuned for 16-bit weights; float32 tiles of the same shape need twice the shared memory."""
+    """Tables are tuned for 16-bit weights. Full-precision float32 dots run on the FMA units with operands and
+    accumulators in registers, so float32 gets at most 64 x 64 tiles, BLOCK_K 32 and 3 stages: larger 16-bit
+    tiles spill registers there (benchmarks/kernel_resources.py checks that none does)."""
     if dtype != torch.float32:
         return config
-    fitted = {"BLOCK_M": config["BLOCK_M"]}
+    fitted = {"BLOCK_M": min(config["BLOCK_M"], 64)}
     for gemm in ("gate_up", "down"):
         tiles = dict(config[gemm])
-        tiles["BLOCK_K"] = max(16, tiles["BLOCK_K"] // 2)
-        if "num_stages" in tiles:
-            tiles["num_stages"] = min(tiles["num_stages"], 3)
+        tiles["BLOCK_N"] = min(tiles["BLOCK_N"], 64)
+        tiles["BLOCK_K"] = min(tiles["BLOCK_K"], 32)
+        tiles["num_warps"] = 4
+        tiles["num_stages"] = min(tiles.get("num_stages", 3), 3)
         fitted[gemm] = tiles
     return fitted
 
@@ -507,26 +577,36 @@ def _swiglu_backward(gu: torch.Tensor, grad_act: torch.Tensor, w_rows: torch.Ten
 # ----------------------------------------------------------------------------------------------- autograd
 
 
+def _fused_forward(hidden_states, top_k_weights, gate_up_proj, down_proj, top_k_index, config, keep_for_backward):
+    """The forward launches; returns the output and, with `keep_for_backward`, what the backward needs."""
+    num_tokens, hidden = hidden_states.shape
+    top_k = top_k_index.shape[1]
+    num_pairs = num_tokens * top_k
+    sorted_ids, block_expert, offsets, pair_row = align_routing(top_k_index, gate_up_proj.shape[0], config["BLOCK_M"])
+    routing = top_k_weights.reshape(-1).contiguous()
+    h, gu = _launch_gate_up(
+        hidden_states, gate_up_proj, sorted_ids, block_expert, top_k, config, keep_for_backward
+    )  # fmt: skip
+    y = _launch_down(h, down_proj, routing, sorted_ids, block_expert, num_pairs, config)
+    # Sum over the k slots in the model dtype (fp32 accumulation inside), as transformers' grouped_mm does.
+    out = y.view(num_tokens, top_k, hidden).sum(dim=1)
+    saved = (hidden_states, routing, gate_up_proj, down_proj, sorted_ids, offsets, pair_row, gu)
+    return out, (saved if keep_for_backward else None)
+
+
 class FusedMoEFunction(torch.autograd.Function):
     """out[t] = sum_j w[t, j] * down[e_tj] @ (silu(gate[e_tj] @ x[t]) * (up[e_tj] @ x[t])), e_tj = top_k_index[t, j]."""
 
     @staticmethod
     def forward(ctx, hidden_states, top_k_weights, gate_up_proj, down_proj, top_k_index, config):
-        num_tokens, hidden = hidden_states.shape
-        top_k = top_k_index.shape[1]
-        num_pairs = num_tokens * top_k
         needs_grad = any(ctx.needs_input_grad[:4])
-        sorted_ids, block_expert, offsets, pair_row = align_routing(
-            top_k_index, gate_up_proj.shape[0], config["BLOCK_M"]
-        )
-        routing = top_k_weights.reshape(-1).contiguous()
-        h, gu = _launch_gate_up(hidden_states, gate_up_proj, sorted_ids, block_expert, top_k, config, needs_grad)
-        y = _launch_down(h, down_proj, routing, sorted_ids, block_expert, num_pairs, config)
+        out, saved = _fused_forward(
+            hidden_states, top_k_weights, gate_up_proj, down_proj, top_k_index, config, needs_grad
+        )  # fmt: skip
         if needs_grad:
-            ctx.save_for_backward(hidden_states, routing, gate_up_proj, down_proj, sorted_ids, offsets, pair_row, gu)
-            ctx.top_k = top_k
-        # Sum over the k slots in the model dtype (fp32 accumulation inside), as transformers' grouped_mm does.
-        return y.view(num_tokens, top_k, hidden).sum(dim=1)
+            ctx.save_for_backward(*saved)
+            ctx.top_k = top_k_index.shape[1]
+        return out
 
     @staticmethod
     def backward(ctx, grad_out):
@@ -595,10 +675,11 @@ def fused_moe_experts_forward(
         hidden_states.shape[0], num_experts, hidden, two_i // 2, top_k_index.shape[1], hidden_states.device
     )
     config = _fit_to_dtype(config, gate_up_proj.dtype)
-    out = FusedMoEFunction.apply(
-        hidden_states, top_k_weights.to(gate_up_proj.dtype), gate_up_proj, down_proj, top_k_index, config
-    )
-    return out
+    args = (hidden_states, top_k_weights.to(gate_up_proj.dtype), gate_up_proj, down_proj, top_k_index, config)
+    if torch.is_grad_enabled() and any(t.requires_grad for t in args[:4]):
+        return FusedMoEFunction.apply(*args)
+    # Inference (generation): no autograd node, no tensors kept; fewer host-side steps per layer.
+    return _fused_forward(*args, keep_for_backward=False)[0]
 
 
 def register_fused_moe_experts():

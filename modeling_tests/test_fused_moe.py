@@ -8,10 +8,10 @@ import os
 import subprocess
 import sys
 import textwrap
+from pathlib import Path
 
 import pytest
 import torch
-import torch.nn.functional as F
 
 from llada_moe_hf import LLaDAMoEForDiffusionLM
 from llada_moe_hf import fused_moe_llada_moe as fused
@@ -125,13 +125,24 @@ def test_half_precision_as_accurate_as_eager(dtype):
         assert norm_err(grads[name], exact_grad) <= 1.5 * norm_err(eager_grads[name], exact_grad), name
 
 
-@pytest.mark.parametrize("num_tokens, num_experts, top_k, block_m", [(13, 6, 3, 16), (1, 5, 3, 16), (150, 70, 4, 32)])
-def test_align_routing_kernel_matches_torch(num_tokens, num_experts, top_k, block_m):
-    index, _ = random_routing(num_tokens, num_experts, top_k, seed=num_tokens)
-    got = fused.align_routing(index, num_experts, block_m)
+ALIGN_CASES = [  # (T, E, k, BLOCK_M, allowed experts)
+    (13, 6, 3, 16, None),
+    (1, 5, 3, 16, None),
+    (150, 70, 4, 32, None),  # E_POW2 = 128: ten chunks of 64 pairs
+    (37, 4, 1, 16, [2]),  # one expert, three row tiles, three idle experts
+    (300, 8, 4, 16, None),  # 1200 pairs: past SINGLE_LAUNCH_MAX_PAIRS, so the default takes three launches
+]
+
+
+@pytest.mark.parametrize("single_launch", [True, False, None], ids=["one_launch", "three_launches", "auto"])
+@pytest.mark.parametrize("num_tokens, num_experts, top_k, block_m, allowed", ALIGN_CASES)
+def test_align_routing_kernel_matches_torch(num_tokens, num_experts, top_k, block_m, allowed, single_launch):
+    """Both routing paths give the reference layout exactly, padding and the rows past the padded end included."""
+    index, _ = random_routing(num_tokens, num_experts, top_k, seed=num_tokens, allowed=allowed)
+    got = fused.align_routing(index, num_experts, block_m, single_launch=single_launch)
     want = fused.align_routing_reference(index, num_experts, block_m)
     for name, a, b in zip(("sorted_ids", "block_expert", "offsets", "pair_row"), got, want):
-        assert torch.equal(a.long(), b.long()), name
+        assert a.shape == b.shape and torch.equal(a.long(), b.long()), name
 
 
 def test_align_routing_layout():
@@ -278,3 +289,35 @@ def test_fused_moe_from_hub_custom_code(tmp_path):
     )  # fmt: skip
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert float(proc.stdout.split("MAXERR", 1)[1]) < 1e-5
+
+
+KERNEL_RESOURCES = Path(__file__).resolve().parents[1] / "benchmarks" / "kernel_resources.py"
+
+
+def run_kernel_resources(*args):
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}  # the script compiles for real
+    return subprocess.run(
+        [sys.executable, str(KERNEL_RESOURCES), "--quick", "--check", *args],
+        env=env, capture_output=True, text=True, timeout=600,
+    )  # fmt: skip
+
+
+def test_kernels_build_for_h100_without_spills():
+    """The interpreter never compiles the kernels. Build every kernel for sm_90 with the committed H100 tiles
+    (Triton's own compiler and ptxas, no GPU needed): each must compile, spill no registers and fit in shared
+    memory."""
+    proc = run_kernel_resources()
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    assert "0 problems" in proc.stdout
+    built = [line for line in proc.stdout.splitlines() if line.startswith("H100/H200 (sm_90)")]
+    kernels = " ".join(built)
+    for name in ("gate_up", "gate_up +gate_up kept", "down", "align one launch", "align count", "swiglu backward"):
+        assert name in kernels, name
+    assert len(built) >= 20
+
+
+def test_kernel_resources_catches_a_tile_that_does_not_fit():
+    """The check fails on a tile whose pipeline needs more shared memory than an H100 block may have."""
+    proc = run_kernel_resources("--candidate", "128,256,256,4,4")
+    assert proc.returncode == 1, proc.stdout[-3000:] + proc.stderr[-3000:]
+    assert "candidate 128,256,256,4,4" in proc.stdout and "bytes of shared memory (limit 232448)" in proc.stdout
