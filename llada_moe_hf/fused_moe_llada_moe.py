@@ -332,8 +332,9 @@ if triton is not None:
 
 
 # Up to this many (token, expert) pairs the routing runs as one program (one launch) instead of three launches
-# that each spread over the pairs: decode-sized batches are bound by launches, not by this work.
-SINGLE_LAUNCH_MAX_PAIRS = 1024
+# that each spread over the pairs: decode-sized batches are bound by launches, not by this work. (512 pairs =
+# 64 tokens at top-8; a first guess, see the align_* columns of benchmarks/moe_layer.py.)
+SINGLE_LAUNCH_MAX_PAIRS = 512
 
 
 def align_routing(top_k_index: torch.Tensor, num_experts: int, block_m: int, single_launch: bool | None = None):
