@@ -430,16 +430,16 @@ def _device_name(device: torch.device) -> str:
 
 def _fit_to_dtype(config: dict, dtype: torch.dtype) -> dict:
     """Tables are tuned for 16-bit weights. Full-precision float32 dots run on the FMA units with operands and
-    accumulators in registers, so float32 gets at most 64 x 64 tiles, BLOCK_K 32 and 3 stages: larger 16-bit
-    tiles spill registers there (benchmarks/kernel_resources.py checks that none does)."""
+    accumulators in registers, so float32 gets at most 32 x 64 tiles, BLOCK_K 32, 3 stages and 8 warps for gate_up:
+    larger 16-bit tiles spill registers there (with triton 3.6 and 3.9) (benchmarks/kernel_resources.py checks that none does)."""
     if dtype != torch.float32:
         return config
-    fitted = {"BLOCK_M": min(config["BLOCK_M"], 64)}
+    fitted = {"BLOCK_M": min(config["BLOCK_M"], 32)}
     for gemm in ("gate_up", "down"):
         tiles = dict(config[gemm])
         tiles["BLOCK_N"] = min(tiles["BLOCK_N"], 64)
         tiles["BLOCK_K"] = min(tiles["BLOCK_K"], 32)
-        tiles["num_warps"] = 4
+        tiles["num_warps"] = 8 if gemm == "gate_up" else 4  # gate_up holds two accumulators
         tiles["num_stages"] = min(tiles.get("num_stages", 3), 3)
         fitted[gemm] = tiles
     return fitted
