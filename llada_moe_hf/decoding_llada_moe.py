@@ -77,6 +77,8 @@ def confidence_scores(
 
 
 # ----------------------------------------------------------------------------------------------- decoder policies
+# A decoder policy takes `confidence` [batch, W] (-inf at positions that are not candidates), `candidates`
+# [batch, W] (bool) and its own keyword arguments, and returns the positions to commit [batch, W] (bool).
 
 
 def fixed_schedule_decoder(confidence, candidates, *, counts, max_count, **unused):

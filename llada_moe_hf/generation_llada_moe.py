@@ -314,14 +314,10 @@ class DiffusionPlan:
         only a prompt with masks (infilling) adds them to the first block, read once."""
         steps = self.steps_per_block
         if self.prompt_has_masks and index == 0:
-            start, end = self.block(0)
-            mask_count = (x[:, :end] == self.mask_id).sum(-1)
-        else:
-            mask_count = torch.full((x.shape[0],), self.block_length, dtype=torch.long, device=x.device)
-        counts = num_transfer_tokens(mask_count, steps)
-        if self.prompt_has_masks and index == 0:
+            counts = num_transfer_tokens((x[:, : self.block(0)[1]] == self.mask_id).sum(-1), steps)
             return counts, counts.max(0).values.tolist()
-        return counts, num_transfer_tokens(mask_count[:1].cpu(), steps)[0].tolist()
+        per_step = num_transfer_tokens(torch.tensor([self.block_length]), steps)
+        return per_step.expand(x.shape[0], -1).to(x.device, non_blocking=True), per_step[0].tolist()
 
 
 def prompt_bucket_size(prompt_length: int, bucket: int) -> int:
