@@ -327,7 +327,7 @@ class LLaDAMoEEvalLM(TemplateLM):
                 f"{', '.join(f for f in fields if f not in ADAPTER_OWNED_FIELDS)}."
             )
         DiffusionGenerationConfig(**kwargs)  # validates values (raises a ValueError naming the bad one)
-        return dict(kwargs)
+        return {k: v for k, v in kwargs.items() if v is not None}  # None = unset
 
     def _setup_distributed(self, device):
         """One process per device under `accelerate launch` / torchrun (lm-eval's data-parallel path)."""
