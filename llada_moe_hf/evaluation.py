@@ -330,12 +330,17 @@ class LLaDAMoEEvalLM(TemplateLM):
         return {k: v for k, v in kwargs.items() if v is not None}  # None = unset
 
     def _setup_distributed(self, device):
-        """One process per device under `accelerate launch` / torchrun (lm-eval's data-parallel path)."""
+        """One process per device under `accelerate launch` / torchrun (lm-eval's data-parallel path): each
+        process answers its share of the requests; lm-eval gathers the results on process 0."""
         self.accelerator = None
         if int(os.environ.get("WORLD_SIZE", "1")) > 1:
-            from accelerate import Accelerator
+            from datetime import timedelta
 
-            accelerator = Accelerator()
+            from accelerate import Accelerator, InitProcessGroupKwargs
+
+            # accelerate treats a multi-process CPU run (gloo) as distributed only when told it is on the CPU.
+            cpu = str(device) == "cpu" or not torch.cuda.is_available()
+            accelerator = Accelerator(cpu=cpu, kwargs_handlers=[InitProcessGroupKwargs(timeout=timedelta(weeks=52))])
             if accelerator.num_processes > 1:
                 self.accelerator = accelerator
                 self._rank = accelerator.process_index
@@ -464,6 +469,7 @@ class LLaDAMoEEvalLM(TemplateLM):
             "llada_moe_mc_num": self.mc_num,
             "llada_moe_cfg": self.cfg,
             "llada_moe_seed": self.seed,
+            "llada_moe_world_size": self.world_size,
         }
 
     def _warn_once(self, key: str, message: str):
