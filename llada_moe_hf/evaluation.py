@@ -11,7 +11,7 @@ A masked-diffusion LM has no left-to-right factorisation, so the adapter differs
 * `loglikelihood` is the Monte-Carlo estimate of LLaDA's likelihood bound (the reference: ML-GSAI/LLaDA
   `eval_llada.py`). For a context c and a continuation x of L tokens:
 
-      ELBO(x | c) = E_{n ~ U{1..L}} E_{S ~ U(subsets of size n)} [ (L / n) * sum_{j in S} log p(x_j | c, x masked at S) ]
+      ELBO(x | c) = E_{n ~ U{1..L}} E_{S: uniform n-subset} [ (L / n) * sum_{j in S} log p(x_j | c, x masked at S) ]
 
   which is <= log p(x | c) under the model (it is the masked-diffusion training objective, in tokens). The
   estimate averages mc_num samples (n_i, S_i); see `mc_loglikelihood` for the sampling scheme and its variance.
@@ -99,18 +99,25 @@ def request_generator(seed: int, context_ids, continuation_length: int) -> torch
     return torch.Generator().manual_seed(int.from_bytes(hashlib.sha256(key).digest()[:8], "little") >> 1)
 
 
-def continuation_logits(model, noisy: torch.Tensor, context_length: int, cfg: float, mask_id: int) -> torch.Tensor:
-    """Logits `[rows, L]` for the continuation positions of `noisy` (all rows the same length, no padding).
-    With `cfg > 0`, unconditional guidance as in the reference: un + (cfg + 1) * (cond - un), where the
-    unconditional copy has the whole context masked."""
+def continuation_logits(model, noisy: torch.Tensor, context_length: int, cfg: float, mask_id: int):
+    """Logits `[rows, L, vocab]` (model dtype) for the continuation positions of `noisy` (rows of equal length,
+    no padding), and with `cfg > 0` those of the unconditional copy, whose whole context is masked (else None)."""
     length = noisy.shape[1] - context_length
     if cfg > 0:
         uncond = noisy.clone()
         uncond[:, :context_length] = mask_id
-        logits = model(input_ids=torch.cat([noisy, uncond]), logits_to_keep=length).logits.float()
-        cond, un = logits.chunk(2, dim=0)
-        return un + (cfg + 1) * (cond - un)
-    return model(input_ids=noisy, logits_to_keep=length).logits.float()
+        logits = model(input_ids=torch.cat([noisy, uncond]), logits_to_keep=length).logits
+        return logits.chunk(2, dim=0)
+    return model(input_ids=noisy, logits_to_keep=length).logits, None
+
+
+def guided(cond: torch.Tensor, uncond: torch.Tensor | None, cfg: float) -> torch.Tensor:
+    """Float32 logits with unconditional guidance as in the reference: un + (cfg + 1) * (cond - un)."""
+    cond = cond.float()
+    if uncond is None:
+        return cond
+    uncond = uncond.float()
+    return uncond + (cfg + 1) * (cond - uncond)
 
 
 @torch.no_grad()
@@ -167,17 +174,20 @@ def mc_loglikelihood(
     device = model.device
     sequence = torch.tensor(list(context_ids) + list(continuation_ids), dtype=torch.long, device=device)
     target = sequence[len(context_ids) :]
-    scores = []
+    scores = []  # (L / n) * sum of the masked tokens' log-probabilities, per distinct pattern
     for chunk in unique.split(batch_size):
+        counts = chunk.sum(-1).to(torch.float64)
         chunk = chunk.to(device)
         noisy = sequence.repeat(chunk.shape[0], 1)
         noisy[:, len(context_ids) :].masked_fill_(chunk, mask_id)
-        logits = continuation_logits(model, noisy, len(context_ids), cfg, mask_id)
-        for row_logits, row_mask in zip(logits, chunk):
-            log_probs = torch.log_softmax(row_logits[row_mask], dim=-1)
-            token_ll = log_probs.gather(-1, target[row_mask].unsqueeze(-1)).sum()
-            scores.append(token_ll.double().cpu() * length / int(row_mask.sum()))
-    return float((torch.stack(scores) * weights).sum() / mc_num)
+        cond, uncond = continuation_logits(model, noisy, len(context_ids), cfg, mask_id)
+        # Row by row, masked positions only: float32 log-softmax over the vocabulary without a [rows, L, V] copy.
+        row_sums = []
+        for row, row_mask in enumerate(chunk):
+            logits = guided(cond[row][row_mask], None if uncond is None else uncond[row][row_mask], cfg)
+            row_sums.append(torch.log_softmax(logits, dim=-1).gather(-1, target[row_mask].unsqueeze(-1)).sum())
+        scores.append(torch.stack(row_sums).double().cpu() * length / counts)
+    return float((torch.cat(scores) * weights).sum() / mc_num)
 
 
 # ---------------------------------------------------------------------------------------------- the lm-eval model
@@ -258,6 +268,7 @@ class LLaDAMoEEvalLM(TemplateLM):
         **generation_kwargs,
     ):
         super().__init__()
+        self._warned = set()
         self.batch_size_per_gpu = self._check_batch_size(batch_size)
         self.mc_num = _positive_int("mc_num", mc_num)
         if self.mc_num % self.batch_size_per_gpu:
@@ -278,6 +289,8 @@ class LLaDAMoEEvalLM(TemplateLM):
         self.generation_defaults = self._check_generation_kwargs(generation_kwargs, source="model argument")
         if self.cfg > 0:
             self.generation_defaults.setdefault("cfg_scale", self.cfg)  # the reference guides generation too
+        if max_length is not None:
+            max_length = _positive_int("max_length", max_length)
         del max_batch_size, trust_remote_code  # lm-eval passes them; nothing here runs remote code
 
         self._setup_distributed(device)
@@ -288,8 +301,7 @@ class LLaDAMoEEvalLM(TemplateLM):
         self.stop_ids = stop_token_ids(self.tokenizer, self.model.config)
         if max_length is None:
             max_length = getattr(self.model.config, "max_position_embeddings", None) or 4096
-        self._max_length = _positive_int("max_length", max_length)
-        self._warned = set()
+        self._max_length = int(max_length)
 
     # --------------------------------------------------------------------------------------- construction
 

@@ -191,7 +191,9 @@ def test_loglikelihood_same_seed_same_numbers_whatever_the_order_or_batching(lm)
     rebatched = other.loglikelihood(requests, disable_tqdm=True)
     for (a, greedy_a), (b, greedy_b) in zip(first, rebatched):
         assert a == pytest.approx(b, rel=1e-5, abs=1e-6) and greedy_a == greedy_b
-    reseeded = LLaDAMoEEvalLM(pretrained=lm.model, tokenizer=lm.tokenizer, device="cpu", batch_size=8, mc_num=16, seed=5)
+    reseeded = LLaDAMoEEvalLM(
+        pretrained=lm.model, tokenizer=lm.tokenizer, device="cpu", batch_size=8, mc_num=16, seed=5
+    )
     assert [v for v, _ in reseeded.loglikelihood(requests, disable_tqdm=True)] != [v for v, _ in first]
     # The model knows the task: the right answer is far likelier, and is the greedy decoding.
     for (right, right_greedy), (wrong, wrong_greedy) in zip(first[::2], first[1::2]):
