@@ -127,11 +127,11 @@ def model_args_with_seed(model_args: str, torch_seed: int | None) -> str:
 
 def run(args) -> int:
     try:
+        from . import evaluation  # registers "llada_moe"; says how to install lm-eval if it is missing
+
         import lm_eval
         from lm_eval.loggers import EvaluationTracker
         from lm_eval.utils import make_table
-
-        from . import evaluation  # registers "llada_moe"
     except ImportError as err:
         print(f"error: {err}", file=sys.stderr)
         return 2

@@ -41,7 +41,7 @@ try:
 except ImportError as err:  # pragma: no cover - exercised only without the extra
     raise ImportError(
         "llada_moe_hf.evaluation needs lm-evaluation-harness: pip install 'llada-moe-hf[eval]' "
-        "(or pip install 'lm-eval>=0.4.8')."
+        "(or pip install 'lm-eval>=0.4.10')."
     ) from err
 
 from tqdm import tqdm
