@@ -30,7 +30,6 @@ import os
 from pathlib import Path
 
 import torch
-import torch.nn.functional as F
 
 
 try:
