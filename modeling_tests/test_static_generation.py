@@ -157,10 +157,9 @@ COMPILED_MODES = {
     "dual": dict(steps=8, cache_mode="dual", stop_at_eos=False),
     "prefix": dict(steps=8, cache_mode="prefix", stop_at_eos=False),
     "threshold + dual": dict(threshold=0.003, cache_mode="dual"),
-    "cfg": dict(steps=8, cfg_scale=1.0, stop_at_eos=False),
     "temperature, top-k, top-p": dict(steps=16, temperature=0.9, top_k=20, top_p=0.9, seed=3),
     "random remasking": dict(steps=8, remasking="random", seed=2),
-}
+}  # guidance is compiled by the gen2 golden case above
 
 
 @pytest.mark.parametrize("mode", list(COMPILED_MODES))
