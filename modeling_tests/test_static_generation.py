@@ -379,3 +379,20 @@ def test_static_path_streams(tiny):
     assert torch.equal(streamer.events[0][1], prompt)
     confirmed = torch.cat([v.reshape(-1) for kind, v in streamer.events[1:] if kind == "put"])
     assert torch.equal(confirmed, out[0, prompt.shape[1]:])
+
+
+def test_static_buffers_are_reused_and_never_handed_out(tiny, padded_batch):
+    """CUDA graphs are recorded against fixed addresses: the canvas, counters and KV cache of the static path stay
+    the same tensors from call to call (same shapes), and what generate returns does not alias them."""
+    model, tokenizer = tiny
+    kwargs = tiny_kwargs(tokenizer, steps=8, cache_mode="dual", cache_implementation="static", disable_compile=True)
+    first = model.generate(**padded_batch, **kwargs)
+    buffers = model._diffusion_static_buffers
+    pointers = [buffers["x"].data_ptr(), buffers["cache"].keys[0].data_ptr(), buffers["counters"]["committed"].data_ptr()]
+    second = model.generate(**padded_batch, **kwargs)
+    buffers = model._diffusion_static_buffers
+    assert pointers == [buffers["x"].data_ptr(), buffers["cache"].keys[0].data_ptr(),
+                        buffers["counters"]["committed"].data_ptr()]
+    assert_same_generation(first, second)
+    buffers["x"].fill_(0)
+    assert not (second.sequences == 0).all()
