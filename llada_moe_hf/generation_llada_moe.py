@@ -913,6 +913,14 @@ class DiffusionGenerationMixin:
         plain = {"full": self._step_logits, "window": self._step_logits, "decode": self._step_decode}
         if config.cache_implementation != "static" or config.disable_compile:
             return plain
+        experts = getattr(self.config, "_experts_implementation", None)
+        if experts == "eager":
+            raise ValueError(
+                "cache_implementation='static' compiles the denoising step, and the eager experts loop over the "
+                "experts a batch hits (a loop that depends on the data, which cannot be compiled). Use "
+                "experts_implementation='grouped_mm' (the default) or 'fused_moe' (model.set_experts_implementation"
+                "(...)), or pass disable_compile=True."
+            )
         compiled = self.__dict__.setdefault("_compiled_diffusion_steps", {})
         mode = "reduce-overhead" if device.type == "cuda" else None
         if mode not in compiled:

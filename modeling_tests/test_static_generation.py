@@ -352,6 +352,9 @@ def test_static_settings_are_generation_config_fields(tiny, tmp_path, padded_bat
             model.generate(**padded_batch, **kwargs, **bad)
     with pytest.raises(ValueError, match="decoder='threshold' needs a `threshold`"):
         model.generate(**padded_batch, **tiny_kwargs(tokenizer), decoder="threshold")
+    eager_experts = LLaDAMoEForDiffusionLM.from_pretrained(FIXTURE_DIR, experts_implementation="eager")
+    with pytest.raises(ValueError, match="experts_implementation='grouped_mm'"):
+        eager_experts.generate(torch.tensor([[1, 2, 3]]), mask_token_id=MASK, cache_implementation="static")
 
 
 def test_static_path_streams(tiny):
