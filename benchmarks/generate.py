@@ -31,6 +31,7 @@ import transformers
 
 import llada_moe_hf
 from llada_moe_hf import LLaDAMoEConfig, LLaDAMoEForDiffusionLM
+from provenance import git_state
 
 
 H100_FLOOR_MS = 4.7  # one batch-1 forward of the real shape streams 14.07 GB of weights at 3.0 TB/s
@@ -224,6 +225,7 @@ def main(argv=None):
     report = {
         "benchmark": "generate",
         "command": "python benchmarks/generate.py " + " ".join(argv if argv is not None else os.sys.argv[1:]),
+        "git": git_state(),
         "machine": machine_info(args.device),
         "versions": {
             "python": platform.python_version(), "torch": torch.__version__, "transformers": transformers.__version__,

@@ -248,8 +248,13 @@ def main(argv=None):
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
     collator = LLaDAMoEDataCollator(mask_token_id=mask_id, pad_token_id=pad_id, mode="sft", max_length=args.max_length)
     # A fixed noised batch set (its own seed) to report the loss before and after training.
-    eval_collator = LLaDAMoEDataCollator(mask_token_id=mask_id, pad_token_id=pad_id, max_length=args.max_length, seed=1234)
-    eval_batches = [eval_collator(features[i : i + args.batch_size]) for i in range(0, min(len(features), 64), args.batch_size)]
+    eval_collator = LLaDAMoEDataCollator(
+        mask_token_id=mask_id, pad_token_id=pad_id, max_length=args.max_length, seed=1234
+    )
+    eval_features = features[:64]
+    eval_batches = [
+        eval_collator(eval_features[i : i + args.batch_size]) for i in range(0, len(eval_features), args.batch_size)
+    ]
 
     lora_config = default_lora_config(model, r=args.r, lora_alpha=args.lora_alpha, experts=not args.no_experts)
     model = get_lora_model(model, lora_config)

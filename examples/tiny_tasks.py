@@ -83,9 +83,16 @@ def accuracy(model, tokenizer, questions, batch_size: int = 128) -> float:
         encoded = tokenizer(prompts, return_tensors="pt", padding=True, padding_side="left", add_special_tokens=False)
         encoded = encoded.to(device)
         out = model.generate(
-            input_ids=encoded["input_ids"], attention_mask=encoded["attention_mask"], max_new_tokens=GEN_LENGTH,
-            block_length=BLOCK_LENGTH, steps=GEN_LENGTH, temperature=0.0, remasking="low_confidence",
-            mask_token_id=tokenizer.mask_token_id, eos_token_id=stop_ids, pad_token_id=tokenizer.pad_token_id,
+            input_ids=encoded["input_ids"],
+            attention_mask=encoded["attention_mask"],
+            max_new_tokens=GEN_LENGTH,
+            block_length=BLOCK_LENGTH,
+            steps=GEN_LENGTH,
+            temperature=0.0,
+            remasking="low_confidence",
+            mask_token_id=tokenizer.mask_token_id,
+            eos_token_id=stop_ids,
+            pad_token_id=tokenizer.pad_token_id,
             stop_at_eos=False,
         )
         for (task, digits), row in zip(chunk, out[:, encoded["input_ids"].shape[1] :].cpu()):

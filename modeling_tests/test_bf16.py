@@ -89,8 +89,11 @@ def test_bf16_generation_matches_the_reference_loop(golden_bf16, bit_exact_reaso
     assert kwargs["temperature"] == 0 and kwargs["remasking"] == "low_confidence"
     model = load_bf16("eager", "eager")
     out = model.generate(
-        golden_bf16["gen0_bf16.prompt"], max_new_tokens=kwargs.pop("gen_length"), mask_token_id=mask_token_id,
-        stop_at_eos=False, **kwargs,
+        golden_bf16["gen0_bf16.prompt"],
+        max_new_tokens=kwargs.pop("gen_length"),
+        mask_token_id=mask_token_id,
+        stop_at_eos=False,
+        **kwargs,
     )
     expected = golden_bf16["gen0_bf16.output"]
     assert torch.equal(out, expected), (out.tolist(), expected.tolist())
@@ -106,4 +109,3 @@ def test_kernel_fingerprint_sees_another_instruction_set(tmp_path):
     assert proc.returncode == 0, proc.stderr[-2000:]
     other = proc.stdout.strip().splitlines()[-1]
     assert len(other) == 16 and other != kernel_fingerprint(), other
-

@@ -468,9 +468,8 @@ def import_example():
 def test_finetune_example_runs_with_trainer_and_checkpoints(tmp_path):
     finetune_lora = import_example()
     out = tmp_path / "run"
-    result = finetune_lora.main(
-        ["--output-dir", str(out), "--max-steps", "4", "--save-steps", "2", "--batch-size", "4", "--eval-questions", "0"]
-    )
+    args = ["--output-dir", str(out), "--max-steps", "4", "--save-steps", "2", "--batch-size", "4"]
+    result = finetune_lora.main([*args, "--eval-questions", "0"])
     assert result["steps"] == 4 and result["accuracy"] == {"before": {}, "after": {}}
     assert (out / "checkpoint-2").is_dir() and (out / "checkpoint-4").is_dir()
     assert {"adapter_config.json", "adapter_model.safetensors"} <= {p.name for p in (out / "adapter").iterdir()}
