@@ -256,6 +256,7 @@ def run_script(args, tmp_path, timeout=300):
     )
 
 
+@pytest.mark.slow
 def test_forward_benchmark_writes_its_commit_and_not_over_the_results(tmp_path):
     committed = (RESULTS / "forward_cpu.json").read_bytes()
     proc = run_script([str(REPO_ROOT / "benchmarks" / "forward.py"), "--tokens", "8", "--reps", "1", "--layers", "1"],
@@ -267,6 +268,7 @@ def test_forward_benchmark_writes_its_commit_and_not_over_the_results(tmp_path):
     assert (RESULTS / "forward_cpu.json").read_bytes() == committed
 
 
+@pytest.mark.slow
 def test_golden_check_script_runs_and_writes_json(tmp_path):
     """benchmarks/cuda_golden.py is what a GPU session runs (gpu_commands.md); here it runs on the CPU."""
     out = tmp_path / "golden.json"
