@@ -54,7 +54,8 @@ from .decoding_llada_moe import (
 logger = logging.get_logger(__name__)
 
 CACHE_MODES = ("none", "prefix", "dual")
-CACHE_IMPLEMENTATIONS = ("static",)
+# "dynamic" (transformers' name for the default cache) means the plain eager path here.
+CACHE_IMPLEMENTATIONS = ("static", "dynamic")
 # Dream's `alg` names -> our `remasking` (Dream's "origin" reveals random positions; "random" is the closest).
 DREAM_ALGORITHMS = {"maskgit_plus": "low_confidence", "topk_margin": "margin", "entropy": "entropy", "origin": "random"}
 DEFAULT_BLOCK_LENGTH = 32
@@ -214,7 +215,7 @@ class DiffusionGenerationConfig(GenerationConfig):
         implementation = getattr(self, "cache_implementation", None)
         if implementation is not None and implementation not in CACHE_IMPLEMENTATIONS:
             raise ValueError(
-                f"`cache_implementation` must be one of {CACHE_IMPLEMENTATIONS} (or None for the eager path), "
+                f"`cache_implementation` must be 'static' (the compiled path) or None / 'dynamic' (the eager path), "
                 f"got {implementation!r}."
             )
         for name in ("stop_at_eos", "output_history", "return_dict_in_generate", "disable_compile"):

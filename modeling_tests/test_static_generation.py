@@ -341,6 +341,8 @@ def test_static_settings_are_generation_config_fields(tiny, tmp_path, padded_bat
     kwargs = tiny_kwargs(tokenizer, threshold=0.9)
     out = model.generate(**padded_batch, generation_config=loaded, **kwargs)
     assert_same_generation(out, model.generate(**padded_batch, **kwargs))
+    # transformers' name for its default cache selects the plain path.
+    assert_same_generation(model.generate(**padded_batch, cache_implementation="dynamic", **kwargs), out)
     for bad, message in (
         (dict(cache_implementation="dynamic_static"), "`cache_implementation` must be one of"),
         (dict(sync_interval=0), "`sync_interval` must be a positive integer"),
