@@ -344,7 +344,7 @@ def test_static_settings_are_generation_config_fields(tiny, tmp_path, padded_bat
     # transformers' name for its default cache selects the plain path.
     assert_same_generation(model.generate(**padded_batch, cache_implementation="dynamic", **kwargs), out)
     for bad, message in (
-        (dict(cache_implementation="dynamic_static"), "`cache_implementation` must be one of"),
+        (dict(cache_implementation="dynamic_static"), "`cache_implementation` must be .static."),
         (dict(sync_interval=0), "`sync_interval` must be a positive integer"),
         (dict(prompt_bucket=-64), "`prompt_bucket` must be a positive integer"),
         (dict(disable_compile="yes"), "`disable_compile` must be True or False"),
