@@ -17,10 +17,18 @@ On top of it, the faster decoders found since (Fast-dLLM, dInfer), each opt-in:
   * `stop_at_eos`: once a finished block holds a stop id (eos, `<|role_end|>`), the rest becomes eos and the
     row is done; generation ends when every row is done.
 
+Speed: `cache_implementation="static"` runs the same loop with fixed shapes (prompts left-padded to a multiple of
+`prompt_bucket`, preallocated KV buffers, window positions as device tensors) and a compiled denoising step
+(`torch.compile(fullgraph=True)`; CUDA graphs on GPUs), and reads the device only at block ends and every
+`sync_interval` steps. It gives the tokens of the plain path. The pieces: `DiffusionPlan` (blocks and windows),
+`decoding_llada_moe.py` (the sampler pieces and decoder policies), `cache_llada_moe.py` (the KV-cache manager).
+
 This file travels to the Hub as custom code: keep it flat, with single-level relative imports only.
 """
 
 import copy
+import dataclasses
+from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
@@ -31,15 +39,28 @@ from transformers import GenerationConfig
 from transformers.generation.streamers import BaseStreamer
 from transformers.utils import ModelOutput, logging
 
+from .cache_llada_moe import BlockKVCache
+from .decoding_llada_moe import (
+    DECODERS,
+    REMASKING_STRATEGIES,
+    add_gumbel_noise,
+    confidence_scores,
+    denoise_window,
+    filter_top_k_top_p,
+    num_transfer_tokens,
+)
+
 
 logger = logging.get_logger(__name__)
 
-REMASKING_STRATEGIES = ("low_confidence", "random", "margin", "entropy")
 CACHE_MODES = ("none", "prefix", "dual")
+CACHE_IMPLEMENTATIONS = ("static",)
 # Dream's `alg` names -> our `remasking` (Dream's "origin" reveals random positions; "random" is the closest).
 DREAM_ALGORITHMS = {"maskgit_plus": "low_confidence", "topk_margin": "margin", "entropy": "entropy", "origin": "random"}
 DEFAULT_BLOCK_LENGTH = 32
 DEFAULT_MAX_NEW_TOKENS = 128
+DEFAULT_SYNC_INTERVAL = 4
+DEFAULT_PROMPT_BUCKET = 64
 
 
 class DiffusionGenerationConfig(GenerationConfig):
@@ -73,6 +94,16 @@ class DiffusionGenerationConfig(GenerationConfig):
         output_history (`bool`): return the sequence after every step (`history`).
         return_dict_in_generate (`bool`): return a [`DiffusionGenerationOutput`] instead of a tensor.
         seed (`int`): seed of a private random generator (temperature > 0, "random" remasking).
+        decoder (`str`): the decoder policy, a key of `decoding_llada_moe.DECODERS`: "fixed" (the reference
+            schedule of `steps`) or "threshold"; default "threshold" when `threshold` is set, else "fixed".
+        cache_implementation (`str`): "static" selects fixed shapes, preallocated KV buffers and a compiled
+            denoising step (same tokens as the default path, much less host overhead); None (default) runs eagerly.
+        disable_compile (`bool`): with `cache_implementation="static"`, run the static path without compiling.
+        sync_interval (`int`): static path, threshold decoding: how many steps run between two host checks of
+            whether the block is done (default 4; extra steps on a finished block change nothing).
+        prompt_bucket (`int`): static path: prompts are left-padded to a multiple of this (default 64; short
+            prompts to the next power of two when it is smaller), so that new prompt lengths within a bucket reuse
+            the compiled step.
     """
 
     _FIELDS = (
@@ -95,6 +126,11 @@ class DiffusionGenerationConfig(GenerationConfig):
         "output_history",
         "return_dict_in_generate",
         "seed",
+        "decoder",
+        "cache_implementation",
+        "disable_compile",
+        "sync_interval",
+        "prompt_bucket",
     )
     _METADATA = ("_commit_hash", "_from_model_config", "transformers_version")
 
@@ -127,6 +163,9 @@ class DiffusionGenerationConfig(GenerationConfig):
             "stop_at_eos": True,
             "output_history": False,
             "return_dict_in_generate": False,
+            "disable_compile": False,
+            "sync_interval": DEFAULT_SYNC_INTERVAL,
+            "prompt_bucket": DEFAULT_PROMPT_BUCKET,
         }
 
     def validate(self, strict=False, user_set_attributes=None, **kwargs):
@@ -137,7 +176,7 @@ class DiffusionGenerationConfig(GenerationConfig):
             if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value <= 0):
                 raise ValueError(f"`{name}` must be a positive integer, got {value!r}.")
 
-        for name in ("max_new_tokens", "max_length", "steps", "block_length", "top_k"):
+        for name in ("max_new_tokens", "max_length", "steps", "block_length", "top_k", "sync_interval", "prompt_bucket"):
             positive_int(name)
         temperature = getattr(self, "temperature", None)
         if temperature is not None and (not isinstance(temperature, (int, float)) or temperature < 0):
@@ -168,7 +207,16 @@ class DiffusionGenerationConfig(GenerationConfig):
             ids = eos if isinstance(eos, (list, tuple)) else [eos]
             if not ids or not all(isinstance(i, int) and not isinstance(i, bool) and i >= 0 for i in ids):
                 raise ValueError(f"`eos_token_id` must be an id or a non-empty list of ids, got {eos!r}.")
-        for name in ("stop_at_eos", "output_history", "return_dict_in_generate"):
+        decoder = getattr(self, "decoder", None)
+        if decoder is not None and decoder not in DECODERS:
+            raise ValueError(f"`decoder` must be one of {tuple(DECODERS)} (or None to choose by `threshold`), got {decoder!r}.")
+        implementation = getattr(self, "cache_implementation", None)
+        if implementation is not None and implementation not in CACHE_IMPLEMENTATIONS:
+            raise ValueError(
+                f"`cache_implementation` must be one of {CACHE_IMPLEMENTATIONS} (or None for the eager path), "
+                f"got {implementation!r}."
+            )
+        for name in ("stop_at_eos", "output_history", "return_dict_in_generate", "disable_compile"):
             value = getattr(self, name, None)
             if value is not None and not isinstance(value, bool):
                 raise ValueError(f"`{name}` must be True or False, got {value!r}.")
@@ -217,104 +265,106 @@ class DiffusionGenerationOutput(ModelOutput):
     tokens_per_forward: torch.FloatTensor | None = None
 
 
-# ----------------------------------------------------------------------------------------------- sampling pieces
+# ----------------------------------------------------------------------------------------------- the plan
 
 
-def num_transfer_tokens(mask_count: torch.Tensor, steps: int) -> torch.Tensor:
-    """Linear schedule: `mask_count[b]` tokens spread over `steps` steps, the remainder on the first steps.
-    Returns `[batch, steps]` (int64), as the reference `get_num_transfer_tokens`."""
-    base = mask_count // steps
-    remainder = mask_count % steps
-    schedule = base[:, None].expand(-1, steps).clone()
-    schedule += torch.arange(steps, device=mask_count.device)[None, :] < remainder[:, None]
-    return schedule
+@dataclass(frozen=True)
+class DiffusionPlan:
+    """The iteration plan: ids, lengths, blocks and the windows each step runs and decodes.
 
-
-def add_gumbel_noise(logits: torch.Tensor, temperature: float, generator: torch.Generator | None) -> torch.Tensor:
-    """Gumbel-max scores exp(logits) / (-log u)^temperature in float64 (float32 is not enough to keep the
-    sampled distribution right, per the LLaDA authors); identity at temperature 0."""
-    if temperature == 0:
-        return logits
-    logits = logits.to(torch.float64)
-    noise = torch.rand(logits.shape, dtype=torch.float64, device=logits.device, generator=generator)
-    return logits.exp() / (-torch.log(noise)) ** temperature
-
-
-def filter_top_k_top_p(logits: torch.Tensor, top_k: int | None, top_p: float | None) -> torch.Tensor:
-    """Set logits outside the top-k / nucleus (top-p) set to -inf. The best token is always kept."""
-    if top_k is not None and top_k < logits.shape[-1]:
-        kth = torch.topk(logits, top_k, dim=-1).values[..., -1:]
-        logits = logits.masked_fill(logits < kth, float("-inf"))
-    if top_p is not None and top_p < 1.0:
-        sorted_logits, sorted_idx = torch.sort(logits, descending=True, dim=-1)
-        cumulative = sorted_logits.softmax(dim=-1).cumsum(dim=-1)
-        drop_sorted = cumulative - sorted_logits.softmax(dim=-1) >= top_p  # mass before this token already >= p
-        drop = torch.zeros_like(drop_sorted).scatter(-1, sorted_idx, drop_sorted)
-        logits = logits.masked_fill(drop, float("-inf"))
-    return logits
-
-
-def confidence_scores(
-    logits: torch.Tensor, x0: torch.Tensor, remasking: str, generator: torch.Generator | None, upcast: bool
-) -> torch.Tensor:
-    """How sure the model is of each position's candidate `x0`; the most confident positions are committed first.
-    The reference computes the softmax in the logits' dtype (`upcast=False`); the threshold decoders in float32."""
-    if remasking == "random":
-        return torch.rand(x0.shape, device=x0.device, generator=generator)
-    probs = F.softmax(logits.float() if upcast else logits, dim=-1)
-    if remasking == "low_confidence":
-        return torch.gather(probs, -1, x0.unsqueeze(-1)).squeeze(-1)
-    if remasking == "margin":
-        top2 = torch.topk(probs, 2, dim=-1).values
-        return top2[..., 0] - top2[..., 1]
-    # entropy: lower entropy = more confident
-    return (probs * torch.log(probs.clamp_min(1e-30))).sum(-1)
-
-
-class BlockKVCache:
-    """Approximate KV cache for block-wise diffusion decoding (Fast-dLLM's prefix and dual caches).
-
-    At the start of each block a full forward *records* every layer's key/value states (post-RoPE,
-    `[batch, kv_heads, length, head_dim]`). A cached step then runs only a query window `[start, end)` of the
-    sequence: its fresh key/values are written over the recorded ones at those positions and attention sees the
-    whole sequence. Prefix mode uses the window [block start, end of sequence) (the prefix is cached); dual mode
-    uses [block start, block end) (prefix and the still-masked suffix are cached). The model's attention calls
-    `update(key, value, layer_idx)` and uses what it returns as the full key/value states.
+    The answer is `num_blocks` blocks of `block_length` tokens after a `prompt_length`-token prompt. A step runs
+    the model on a *query* range of positions and decodes a *window* of them:
+      * query: the whole sequence, except for the cached steps of a block (step > 0 with a cache): from the block
+        start to the end of the sequence (prefix cache) or to the block end (dual cache);
+      * window: the block; with masks in the prompt (infilling) the whole sequence, of which only masked positions
+        before the block end may be committed (the reference gives later positions -inf confidence).
     """
 
-    def __init__(self):
-        self.keys: dict[int, torch.Tensor] = {}
-        self.values: dict[int, torch.Tensor] = {}
-        self.recording = True
-        self.window = (0, 0)
-        self.refreshes = 0
+    mask_id: int
+    stop_ids: tuple[int, ...]
+    pad_id: int | None
+    prompt_length: int
+    max_new_tokens: int
+    block_length: int
+    num_blocks: int
+    steps_per_block: int | None  # None: threshold decoding, as many steps as a block needs
+    prompt_has_masks: bool
+    decoder: str
 
-    def record(self):
-        """The next forward is a full pass whose key/values replace the cache."""
-        self.recording = True
-        self.refreshes += 1
+    @property
+    def total_length(self) -> int:
+        return self.prompt_length + self.max_new_tokens
 
-    def use(self, start: int, end: int):
-        """Following forwards run positions [start, end) against the cache."""
-        self.recording = False
-        self.window = (start, end)
+    def block(self, index: int) -> tuple[int, int]:
+        start = self.prompt_length + index * self.block_length
+        return start, start + self.block_length
 
-    def update(self, key_states: torch.Tensor, value_states: torch.Tensor, layer_idx: int, *args, **kwargs):
-        if self.recording:
-            self.keys[layer_idx] = key_states
-            self.values[layer_idx] = value_states
-            return key_states, value_states
-        start, end = self.window
-        if key_states.shape[-2] != end - start:
-            raise ValueError(f"BlockKVCache: got {key_states.shape[-2]} new positions for the window [{start}, {end}).")
-        keys, values = self.keys[layer_idx], self.values[layer_idx]
-        # In place: every step of the block rewrites the same window before attention reads it.
-        keys[:, :, start:end] = key_states
-        values[:, :, start:end] = value_states
-        return keys, values
+    def window(self, index: int) -> tuple[int, int]:
+        return (0, self.total_length) if self.prompt_has_masks else self.block(index)
 
-    def get_seq_length(self, layer_idx: int = 0) -> int:
-        return self.keys[layer_idx].shape[-2] if layer_idx in self.keys else 0
+    def query(self, index: int, step: int, cache_mode: str) -> tuple[int, int]:
+        if cache_mode == "none" or step == 0:
+            return 0, self.total_length
+        start, end = self.block(index)
+        return (start, self.total_length) if cache_mode == "prefix" else (start, end)
+
+    def schedule(self, index: int, x: torch.Tensor) -> tuple[torch.Tensor, list[int]]:
+        """Tokens to commit per row and step of block `index` ([batch, steps] on the device) and each step's
+        maximum (host ints). A block starts fully masked, so the counts are known without reading the device;
+        only a prompt with masks (infilling) adds them to the first block, read once."""
+        steps = self.steps_per_block
+        if self.prompt_has_masks and index == 0:
+            start, end = self.block(0)
+            mask_count = (x[:, :end] == self.mask_id).sum(-1)
+        else:
+            mask_count = torch.full((x.shape[0],), self.block_length, dtype=torch.long, device=x.device)
+        counts = num_transfer_tokens(mask_count, steps)
+        if self.prompt_has_masks and index == 0:
+            return counts, counts.max(0).values.tolist()
+        return counts, num_transfer_tokens(mask_count[:1].cpu(), steps)[0].tolist()
+
+
+def prompt_bucket_size(prompt_length: int, bucket: int) -> int:
+    """The static path pads a prompt to a multiple of this: `bucket` (default 64), or the next power of two when
+    that is smaller, so that padding never more than doubles a short prompt (the tiny model's 13-token prompts
+    pad to 16, a 500-token prompt to 512)."""
+    return min(bucket, 1 << max(prompt_length - 1, 0).bit_length())
+
+
+@dataclass(frozen=True)
+class StepSettings:
+    """The Python constants of a denoising step (a compiled step is specialised on them)."""
+
+    decoder: str
+    mask_id: int
+    temperature: float
+    top_k: int | None
+    top_p: float | None
+    remasking: str
+    threshold: float | None
+    cfg_scale: float
+    max_count: int = 0
+
+
+class StepRandom:
+    """Random numbers for a step that depend only on (seed, block, step, stream): the eager and the compiled
+    paths draw the same numbers whatever steps the compiled path runs beyond a block's end, and the draws happen
+    outside the compiled graph (which must not own the random stream)."""
+
+    def __init__(self, generator: torch.Generator | None, device: torch.device, vocab_size: int):
+        # One draw from the caller's generator (or torch's global one) seeds the whole call.
+        source_device = generator.device if generator is not None else "cpu"
+        self.seed = int(torch.randint(0, 2**62, (1,), generator=generator, device=source_device))
+        self.generator = torch.Generator(device=device)
+        self.device = device
+        self.vocab_size = vocab_size
+
+    def uniform(self, shape, block: int, step: int, stream: int) -> torch.Tensor:
+        mixed = (self.seed * 0x9E3779B1 + block * 0x85EBCA77 + step * 0xC2B2AE3D + stream * 0x27D4EB2F) % 2**63
+        self.generator.manual_seed(mixed)
+        # Open interval (0, 1): -log(u) must be finite and non-zero.
+        u = torch.rand(shape, dtype=torch.float64, device=self.device, generator=self.generator)
+        return u.clamp_(min=torch.finfo(torch.float64).tiny)
 
 
 # ----------------------------------------------------------------------------------------------- the mixin
@@ -337,9 +387,10 @@ class DiffusionGenerationMixin:
         Generate `max_new_tokens` tokens after each prompt by masked-diffusion sampling.
 
         Args:
-            input_ids (`torch.LongTensor` of shape `(batch_size, prompt_length)`):
-                The prompts, left-padded when their lengths differ. Mask tokens inside a prompt are filled too
-                (infilling; `cache_mode="none"` only).
+            input_ids (`torch.LongTensor` of shape `(batch_size, prompt_length)`, or a `BatchEncoding`/dict):
+                The prompts, left-padded when their lengths differ. A tokenizer's output (with `input_ids` and
+                `attention_mask`) may be passed as it is. Mask tokens inside a prompt are filled too (infilling;
+                `cache_mode="none"` only).
             attention_mask (`torch.Tensor` of shape `(batch_size, prompt_length)`, *optional*):
                 1 for prompt tokens, 0 for (left) padding.
             generation_config ([`DiffusionGenerationConfig`], *optional*):
@@ -352,7 +403,8 @@ class DiffusionGenerationMixin:
             kwargs:
                 Any [`DiffusionGenerationConfig`] field (`max_new_tokens`, `steps`, `block_length`,
                 `temperature`, `top_k`, `top_p`, `cfg_scale`, `remasking`, `threshold`, `cache_mode`,
-                `stop_at_eos`, `mask_token_id`, `eos_token_id`, `output_history`, `return_dict_in_generate`, ...).
+                `cache_implementation`, `stop_at_eos`, `mask_token_id`, `eos_token_id`, `output_history`,
+                `return_dict_in_generate`, ...).
 
         Returns:
             `torch.LongTensor` of shape `(batch_size, prompt_length + max_new_tokens)` (prompt + generated), or a
@@ -364,11 +416,18 @@ class DiffusionGenerationMixin:
         ```python
         >>> out = model.generate(input_ids, max_new_tokens=128, steps=128, block_length=32)
         >>> fast = model.generate(input_ids, max_new_tokens=128, block_length=32, threshold=0.9, cache_mode="dual")
+        >>> compiled = model.generate(input_ids, threshold=0.9, cache_mode="dual", cache_implementation="static")
         ```
         """
-        config = self._prepare_diffusion_config(generation_config, kwargs)
+        if isinstance(input_ids, Mapping):  # a tokenizer's BatchEncoding passed positionally
+            encoding = input_ids
+            input_ids = encoding.get("input_ids")
+            if attention_mask is None:
+                attention_mask = encoding.get("attention_mask")
+        kwargs.pop("token_type_ids", None)  # tokenizers may return it; the model has no token types
+        config, derived = self._prepare_diffusion_config(generation_config, kwargs)
         input_ids, attention_mask = self._check_diffusion_inputs(input_ids, attention_mask, streamer)
-        plan = self._diffusion_plan(config, input_ids)
+        plan = self._diffusion_plan(config, input_ids, derived)
         if config.seed is not None and generator is None:
             generator = torch.Generator(device=input_ids.device).manual_seed(config.seed)
         return self._diffusion_sample(input_ids, attention_mask, config, plan, streamer, generator)
@@ -391,17 +450,24 @@ class DiffusionGenerationMixin:
 
     # ------------------------------------------------------------------------------------------- preparation
 
-    def _prepare_diffusion_config(self, generation_config, kwargs) -> DiffusionGenerationConfig:
-        """Priority: keyword arguments > `generation_config` > `model.generation_config` > defaults."""
-        model_config = getattr(self, "generation_config", None)
-        if model_config is not None:
-            model_config = DiffusionGenerationConfig.from_generation_config(model_config)
+    def _prepare_diffusion_config(self, generation_config, kwargs) -> tuple[DiffusionGenerationConfig, dict]:
+        """Priority: keyword arguments > `generation_config` > `model.generation_config` > defaults.
+
+        Values derived from the length follow what the caller set: when the caller sets `max_new_tokens` (or
+        `max_length`) but not `steps` / `block_length`, the model's stored `steps` and `block_length` (made for its
+        stored length) are not used as they are: `steps` keeps the stored steps per token and `block_length` becomes
+        the largest divisor of the new length not above the stored one. Returns the config and those hints."""
+        stored = getattr(self, "generation_config", None)
+        if stored is not None:
+            stored = DiffusionGenerationConfig.from_generation_config(stored)
         if generation_config is None:
-            config = model_config if model_config is not None else DiffusionGenerationConfig()
+            config = stored if stored is not None else DiffusionGenerationConfig()
+            caller = dict(kwargs)
         else:
             config = DiffusionGenerationConfig.from_generation_config(generation_config)
-            if model_config is not None:
-                config.update(**{k: getattr(model_config, k) for k in config._FIELDS}, defaults_only=True)
+            caller = {k: getattr(config, k) for k in config._FIELDS if getattr(config, k) is not None} | kwargs
+            if stored is not None:
+                config.update(**{k: getattr(stored, k) for k in config._FIELDS}, defaults_only=True)
         config = copy.deepcopy(config)
         unused = config.update(**kwargs)
         if unused:
@@ -410,16 +476,27 @@ class DiffusionGenerationMixin:
                 f"{', '.join(DiffusionGenerationConfig._FIELDS)} (plus input_ids, attention_mask, "
                 "generation_config, streamer, generator)."
             )
-        if "max_new_tokens" not in kwargs and "max_length" in kwargs:
+        if "max_new_tokens" not in caller and "max_length" in caller:
             config.max_new_tokens = None  # an explicit max_length beats a stored max_new_tokens
+        derived = {}
+        if stored is not None and ("max_new_tokens" in caller or "max_length" in caller):
+            if "steps" not in caller and stored.steps is not None:
+                config.steps = None
+                stored_length = stored.max_new_tokens or DEFAULT_MAX_NEW_TOKENS
+                derived["steps_per_token"] = stored.steps / stored_length
+            if "block_length" not in caller and stored.block_length is not None:
+                config.block_length = None
+                derived["max_block_length"] = stored.block_length
         config.update(**config._get_default_generation_params(), defaults_only=True)
-        return config
+        config.validate()
+        return config, derived
 
     def _check_diffusion_inputs(self, input_ids, attention_mask, streamer):
         if not isinstance(input_ids, torch.Tensor) or input_ids.dim() != 2:
             raise ValueError(
-                "input_ids must be a 2-D LongTensor [batch_size, prompt_length] (use tokenizer(..., "
-                f"return_tensors='pt').input_ids); got {type(input_ids).__name__}"
+                "input_ids must be a 2-D LongTensor [batch_size, prompt_length] or a tokenizer's output (use "
+                "tokenizer(..., return_tensors='pt') or apply_chat_template(..., return_dict=True, "
+                f"return_tensors='pt')); got {type(input_ids).__name__}"
                 + (f" of shape {tuple(input_ids.shape)}" if isinstance(input_ids, torch.Tensor) else "")
             )
         if input_ids.dtype not in (torch.int64, torch.int32) or input_ids.shape[0] == 0:
@@ -445,8 +522,9 @@ class DiffusionGenerationMixin:
             raise ValueError(f"Streaming supports batch size 1 only; got {input_ids.shape[0]} prompts.")
         return input_ids, attention_mask
 
-    def _diffusion_plan(self, config: DiffusionGenerationConfig, input_ids: torch.Tensor) -> dict:
+    def _diffusion_plan(self, config: DiffusionGenerationConfig, input_ids: torch.Tensor, derived=None) -> DiffusionPlan:
         """Resolve ids and lengths, and refuse inconsistent settings with a message saying what to change."""
+        derived = derived or {}
         model_config = self.config
         prompt_length = input_ids.shape[1]
         mask_id = config.mask_token_id
@@ -477,7 +555,10 @@ class DiffusionGenerationMixin:
                     "raise max_length or pass max_new_tokens."
                 )
         block_length = config.block_length
-        if block_length is None:
+        if block_length is None and "max_block_length" in derived:
+            ceiling = derived["max_block_length"]
+            block_length = max(d for d in range(1, min(ceiling, max_new_tokens) + 1) if max_new_tokens % d == 0)
+        elif block_length is None:
             block_length = DEFAULT_BLOCK_LENGTH if max_new_tokens % DEFAULT_BLOCK_LENGTH == 0 else max_new_tokens
         if max_new_tokens % block_length:
             divisors = [d for d in range(1, max_new_tokens + 1) if max_new_tokens % d == 0][-6:]
@@ -486,13 +567,23 @@ class DiffusionGenerationMixin:
                 f"that divides it (e.g. {divisors}) or a max_new_tokens that is a multiple of {block_length}."
             )
         num_blocks = max_new_tokens // block_length
-        steps = config.steps if config.steps is not None else max_new_tokens
-        if steps % num_blocks:
-            raise ValueError(
-                f"steps={steps} is not a multiple of the number of blocks ({num_blocks} = max_new_tokens "
-                f"{max_new_tokens} / block_length {block_length}); every block gets steps / num_blocks steps. "
-                f"Use e.g. steps={max(num_blocks, steps - steps % num_blocks)} or steps={max_new_tokens}."
-            )
+        decoder = config.decoder or ("threshold" if config.threshold is not None else "fixed")
+        if decoder == "threshold" and config.threshold is None:
+            raise ValueError("decoder='threshold' needs a `threshold` (e.g. threshold=0.9).")
+        steps_per_block = None
+        if decoder == "fixed":
+            steps = config.steps
+            if steps is None and "steps_per_token" in derived:
+                steps = max(1, round(max_new_tokens * derived["steps_per_token"] / num_blocks)) * num_blocks
+            elif steps is None:
+                steps = max_new_tokens
+            if steps % num_blocks:
+                raise ValueError(
+                    f"steps={steps} is not a multiple of the number of blocks ({num_blocks} = max_new_tokens "
+                    f"{max_new_tokens} / block_length {block_length}); every block gets steps / num_blocks steps. "
+                    f"Use e.g. steps={max(num_blocks, steps - steps % num_blocks)} or steps={max_new_tokens}."
+                )
+            steps_per_block = steps // num_blocks
         max_positions = getattr(model_config, "max_position_embeddings", None)
         total = prompt_length + max_new_tokens
         if max_positions is not None and total > max_positions:
@@ -508,117 +599,97 @@ class DiffusionGenerationMixin:
             )
         if pad_id is not None and pad_id == mask_id:
             raise ValueError(f"pad_token_id equals mask_token_id ({mask_id}): padding would be generated over.")
-        return {
-            "mask_id": mask_id,
-            "stop_ids": stop_ids,
-            "pad_id": pad_id,
-            "prompt_length": prompt_length,
-            "max_new_tokens": max_new_tokens,
-            "block_length": block_length,
-            "num_blocks": num_blocks,
-            "steps_per_block": steps // num_blocks,
-            "prompt_has_masks": prompt_has_masks,
-        }
+        return DiffusionPlan(
+            mask_id=mask_id,
+            stop_ids=tuple(stop_ids),
+            pad_id=pad_id,
+            prompt_length=prompt_length,
+            max_new_tokens=max_new_tokens,
+            block_length=block_length,
+            num_blocks=num_blocks,
+            steps_per_block=steps_per_block,
+            prompt_has_masks=prompt_has_masks,
+            decoder=decoder,
+        )
 
     # ------------------------------------------------------------------------------------------- the loop
 
     def _diffusion_sample(self, input_ids, attention_mask, config, plan, streamer, generator):
+        """Blocks left to right; inside a block, denoising steps until its schedule is done (fixed) or no mask is
+        left (threshold). The host reads the device only at block ends and, for threshold decoding, every
+        `sync_interval` steps of the static path (a step with nothing left to commit changes nothing)."""
+        static = config.cache_implementation == "static"
         device = input_ids.device
-        batch_size, prompt_length = input_ids.shape
-        mask_id, block_length = plan["mask_id"], plan["block_length"]
-        total_length = prompt_length + plan["max_new_tokens"]
-
-        x = torch.full((batch_size, total_length), mask_id, dtype=torch.long, device=device)
-        x[:, :prompt_length] = input_ids
-        full_mask = position_ids = None
-        if attention_mask is not None:
-            x[:, :prompt_length].masked_fill_(attention_mask == 0, plan["pad_id"])
-            full_mask = F.pad(attention_mask, (0, plan["max_new_tokens"]), value=1)
-            # Positions as if unpadded: a padded row sees exactly the positions it would see alone.
-            position_ids = (full_mask.cumsum(-1) - 1).clamp(min=0)
-        else:
-            position_ids = torch.arange(total_length, device=device).unsqueeze(0).expand(batch_size, -1)
-        prompt_index = x != mask_id  # fixed at the start, as in the reference (guidance masks these)
-
-        cfg = config.cfg_scale > 0
-        if cfg:
-            full_mask_2 = None if full_mask is None else torch.cat([full_mask, full_mask])
-            position_ids_2 = torch.cat([position_ids, position_ids])
-        cache = BlockKVCache() if config.cache_mode != "none" else None
-        stop_ids = torch.tensor(plan["stop_ids"], device=device) if plan["stop_ids"] else None
-        eos_fill = plan["stop_ids"][0] if plan["stop_ids"] else None
+        batch_size = input_ids.shape[0]
+        canvas, plan, trim = self._initial_canvas(input_ids, attention_mask, plan, config, static)
+        x = canvas["x"]
+        pieces = self._step_functions(config, device)
+        cache = None
+        if config.cache_mode != "none":
+            cache = self._allocate_block_cache(x.shape[0] * (2 if config.cfg_scale > 0 else 1), x.shape[1], static)
+        random = None
+        if config.temperature > 0 or config.remasking == "random":
+            random = StepRandom(generator, device, self.config.vocab_size)
+        counters = {
+            "committed": torch.zeros(batch_size, dtype=torch.long, device=device),
+            "active_steps": torch.zeros((), dtype=torch.long, device=device),
+        }
+        if static:
+            for tensor in (x, *counters.values()):
+                torch._dynamo.mark_static_address(tensor)
+        settings = StepSettings(
+            decoder=plan.decoder,
+            mask_id=plan.mask_id,
+            temperature=float(config.temperature),
+            top_k=config.top_k,
+            top_p=config.top_p,
+            remasking=config.remasking,
+            threshold=config.threshold,
+            cfg_scale=float(config.cfg_scale),
+        )
+        stop_ids = torch.tensor(plan.stop_ids, device=device) if plan.stop_ids else None
         finished = torch.zeros(batch_size, dtype=torch.bool, device=device)
-        committed = torch.zeros(batch_size, dtype=torch.long, device=device)
+        sync_interval = config.sync_interval if static else 1
         history = [] if config.output_history else None
-        nfe = 0
+        fixed_steps = 0
         if streamer is not None:
             streamer.put(input_ids.cpu())
 
-        def forward(q_start, q_end, w_start, w_end):
-            """Logits for positions [w_start, w_end) from a forward over the query positions [q_start, q_end)."""
-            nonlocal nfe
-            nfe += 1
-            ids = x[:, q_start:q_end]
-            mask, pos = full_mask, position_ids[:, q_start:q_end]
-            if cfg:
-                un_x = x.clone()
-                un_x[prompt_index] = mask_id
-                ids = torch.cat([ids, un_x[:, q_start:q_end]])
-                mask, pos = full_mask_2, position_ids_2[:, q_start:q_end]
-            keep = 0
-            if (w_start, w_end) != (q_start, q_end):
-                keep = torch.arange(w_start - q_start, w_end - q_start, device=device)
-            logits = self(
-                input_ids=ids, attention_mask=mask, position_ids=pos, past_key_values=cache, logits_to_keep=keep
-            ).logits
-            if cfg:
-                cond, uncond = logits.chunk(2, dim=0)
-                logits = uncond + (config.cfg_scale + 1) * (cond - uncond)
-            return logits
-
-        for block in range(plan["num_blocks"]):
-            block_start = prompt_length + block * block_length
-            block_end = block_start + block_length
-            # Positions that may be committed during this block: masks before the block end (reference: later
-            # positions get -inf confidence). Prompt masks (infilling) only exist with cache_mode "none".
-            region_start = 0 if plan["prompt_has_masks"] else prompt_length
-            if cache is not None:
-                region_start = block_start
-            block_masks = x[:, block_start:block_end] == mask_id
-            mask_count = block_masks.sum(-1)
-            if block == 0 and plan["prompt_has_masks"]:
-                mask_count = mask_count + (x[:, :prompt_length] == mask_id).sum(-1)
-            schedule = None
-            if config.threshold is None:
-                schedule = num_transfer_tokens(mask_count, plan["steps_per_block"]).tolist()
-
+        for block in range(plan.num_blocks):
+            block_start, block_end = plan.block(block)
+            window_index = torch.arange(*plan.window(block), device=device)
+            limit = torch.tensor(block_end, device=device)
+            counts, max_counts = plan.schedule(block, x) if plan.decoder == "fixed" else (None, None)
             step = 0
             while True:
-                if config.threshold is None and step == plan["steps_per_block"]:
+                if plan.decoder == "fixed" and step == plan.steps_per_block:
                     break
-                if config.threshold is not None and not bool((x[:, region_start:block_end] == mask_id).any()):
+                if plan.decoder != "fixed" and step % sync_interval == 0 and not self._masks_left(x, plan, block):
                     break
-                if cache is None:
-                    logits = forward(0, total_length, region_start, block_end)
-                elif step == 0:
-                    cache.record()
-                    logits = forward(0, total_length, region_start, block_end)
-                else:
-                    q_end = total_length if config.cache_mode == "prefix" else block_end
-                    cache.use(block_start, q_end)
-                    logits = forward(block_start, q_end, region_start, block_end)
-                counts = None if schedule is None else [row[step] for row in schedule]
-                committed += self._denoise_step(
-                    x, logits, region_start, block_end, counts, config, mask_id, generator
-                )
+                query_start, query_end = plan.query(block, step, config.cache_mode)
+                query_index = torch.arange(query_start, query_end, device=device)
+                if cache is not None:
+                    cache.use_positions(query_index, refresh=step == 0)
+                step_settings, step_args = settings, {}
+                if counts is not None:
+                    step_settings = dataclasses.replace(settings, max_count=max_counts[step])
+                    step_args["counts"] = counts[:, step]
+                if random is not None:
+                    step_args.update(self._step_noise(random, block, step, x.shape[0], window_index.shape[0], settings))
+                if static and device.type == "cuda":
+                    torch.compiler.cudagraph_mark_step_begin()  # the previous step's graph outputs are spent
+                forward = pieces["full" if query_end - query_start == x.shape[1] else "window"]
+                logits = forward(x, query_index, window_index, canvas, cache, settings)
+                pieces["decode"](x, window_index, limit, logits, counters, step_args, step_settings)
+                fixed_steps += plan.decoder == "fixed"
                 step += 1
                 if history is not None:
-                    history.append(x.clone())
+                    history.append(x[:, trim:].clone())
                 if streamer is not None and hasattr(streamer, "put_draft"):
                     streamer.put_draft(x[:, block_start:block_end].cpu())
 
             if config.stop_at_eos and stop_ids is not None:
-                finished = self._stop_finished_rows(x, finished, stop_ids, prompt_length, block_end, eos_fill)
+                finished = self._stop_finished_rows(x, finished, stop_ids, plan.prompt_length, block_end, plan.stop_ids[0])
             if streamer is not None:
                 streamer.put(x[0, block_start:block_end].cpu())
             if bool(finished.all()):
@@ -626,65 +697,169 @@ class DiffusionGenerationMixin:
 
         if streamer is not None:
             streamer.end()
+        sequences = x[:, trim:]
+        if static:
+            sequences = sequences.clone()  # the canvas is a static buffer of this call; hand out a plain tensor
         if not config.return_dict_in_generate:
-            return x
+            return sequences
+        # Fixed schedule: every step counts (as in the reference). Threshold: only steps that had a mask to commit,
+        # so the static path's extra steps at a block end are not counted.
+        nfe = fixed_steps if plan.decoder == "fixed" else int(counters["active_steps"])
         return DiffusionGenerationOutput(
-            sequences=x,
+            sequences=sequences,
             history=tuple(history) if history is not None else None,
             nfe=nfe,
-            tokens_per_forward=committed.float() / max(nfe, 1),
+            tokens_per_forward=counters["committed"].float() / max(nfe, 1),
+        )
+
+    def _initial_canvas(self, input_ids, attention_mask, plan, config, static):
+        """The canvas x = [prompt | masks], the padding mask and position ids over it (and their guided copies).
+
+        The static path left-pads the prompt (see `prompt_bucket_size`) and always passes a mask, so that prompts
+        of any length within a bucket give the same shapes (no new graph)."""
+        device = input_ids.device
+        batch_size, prompt_length = input_ids.shape
+        trim = 0
+        if static:
+            trim = -prompt_length % prompt_bucket_size(prompt_length, config.prompt_bucket)
+            if attention_mask is None:
+                attention_mask = torch.ones_like(input_ids)
+            if trim:
+                pad = torch.full((batch_size, trim), plan.pad_id if plan.pad_id is not None else 0, device=device)
+                input_ids = torch.cat([pad, input_ids], dim=1)
+                attention_mask = F.pad(attention_mask, (trim, 0), value=0)
+            plan = dataclasses.replace(plan, prompt_length=prompt_length + trim)
+        x = torch.full((batch_size, plan.total_length), plan.mask_id, dtype=torch.long, device=device)
+        x[:, : plan.prompt_length] = input_ids
+        full_mask = None
+        if attention_mask is not None:
+            x[:, : plan.prompt_length].masked_fill_(attention_mask == 0, plan.pad_id)
+            full_mask = F.pad(attention_mask, (0, plan.max_new_tokens), value=1)
+            # Positions as if unpadded: a padded row sees exactly the positions it would see alone.
+            position_ids = (full_mask.cumsum(-1) - 1).clamp(min=0)
+        else:
+            position_ids = torch.arange(plan.total_length, device=device).unsqueeze(0).expand(batch_size, -1)
+        canvas = {"x": x, "attention_mask": full_mask, "position_ids": position_ids}
+        if config.cfg_scale > 0:
+            # Guidance runs a second copy whose prompt is masked (prompt positions fixed at the start, as in the
+            # reference).
+            canvas["prompt_index"] = x != plan.mask_id
+            canvas["attention_mask"] = None if full_mask is None else torch.cat([full_mask, full_mask])
+            canvas["position_ids"] = torch.cat([position_ids, position_ids])
+        return canvas, plan, trim
+
+    def _allocate_block_cache(self, batch_size, length, static):
+        config = self.config
+        head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
+        return BlockKVCache().allocate(
+            config.num_hidden_layers,
+            batch_size,
+            config.num_key_value_heads,
+            length,
+            head_dim,
+            self.dtype,
+            self.device,
+            static=static,
         )
 
     @staticmethod
-    def _denoise_step(x, logits, region_start, block_end, counts, config, mask_id, generator) -> torch.Tensor:
-        """Commit tokens in x[:, region_start:block_end] from `logits` for those positions. Returns the number of
-        tokens committed per row."""
-        window = x[:, region_start:block_end]
-        if config.top_k is not None or config.top_p is not None:
-            logits = filter_top_k_top_p(logits, config.top_k, config.top_p)
-        scores = add_gumbel_noise(logits, config.temperature, generator)
-        if config.threshold is not None:
-            # Threshold decoding never commits the mask token itself (it would loop forever on that position).
-            scores = scores.clone()
-            scores[..., mask_id] = float("-inf")
-        x0 = torch.argmax(scores, dim=-1)
-        confidence = confidence_scores(
-            logits, x0, config.remasking, generator, upcast=config.threshold is not None
-        )
-        is_masked = window == mask_id
-        confidence = torch.where(is_masked, confidence, torch.full_like(confidence, float("-inf")))
-        x0 = torch.where(is_masked, x0, window)
+    def _step_noise(random, block, step, batch_size, width, settings) -> dict:
+        """The uniform numbers a step needs, drawn outside the (possibly compiled) step."""
+        noise = {}
+        if settings.temperature > 0:
+            noise["gumbel_uniform"] = random.uniform((batch_size, width, random.vocab_size), block, step, 0)
+        if settings.remasking == "random":
+            noise["remask_uniform"] = random.uniform((batch_size, width), block, step, 1).float()
+        return noise
 
-        if counts is None:
-            # At least the single most confident masked position, plus all that clear the threshold.
-            select = is_masked & (confidence >= config.threshold)
-            best = confidence.argmax(dim=-1, keepdim=True)
-            select.scatter_(-1, best, is_masked.gather(-1, best) | select.gather(-1, best))
-        else:
-            select = torch.zeros_like(is_masked)
-            if len(set(counts)) == 1:
-                if counts[0] > 0:
-                    select.scatter_(-1, torch.topk(confidence, counts[0], dim=-1).indices, True)
-            else:
-                for row, k in enumerate(counts):
-                    if k > 0:
-                        select[row, torch.topk(confidence[row], k).indices] = True
-        # The reference writes x0 at every selected position; non-masked ones keep their token (x0 = x there).
-        window.copy_(torch.where(select, x0, window))
-        return (select & is_masked & (x0 != mask_id)).sum(-1)
+    @staticmethod
+    def _masks_left(x, plan, block) -> bool:
+        """Whether a row still has a mask it may commit in this block (a host read)."""
+        start, end = plan.window(block)
+        return bool((x[:, start : min(end, plan.block(block)[1])] == plan.mask_id).any())
 
     @staticmethod
     def _stop_finished_rows(x, finished, stop_ids, prompt_length, block_end, eos_fill):
-        """Rows whose answer so far holds a stop id are done: everything after the first stop id becomes eos."""
+        """Rows whose answer so far holds a stop id are done: everything after the first stop id becomes eos.
+        Runs on the device without reading it back."""
         answer = x[:, prompt_length:block_end]
         has_stop = torch.isin(answer, stop_ids)
         newly = has_stop.any(-1) & ~finished
-        if bool(newly.any()):
-            first = has_stop.float().argmax(-1)  # first True
-            positions = torch.arange(x.shape[1] - prompt_length, device=x.device)
-            tail = newly[:, None] & (positions[None, :] > first[:, None])
-            x[:, prompt_length:].masked_fill_(tail, eos_fill)
+        first = has_stop.float().argmax(-1)  # first True
+        positions = torch.arange(x.shape[1] - prompt_length, device=x.device)
+        tail = newly[:, None] & (positions[None, :] > first[:, None])
+        x[:, prompt_length:].masked_fill_(tail, eos_fill)
         return finished | newly
+
+    # ------------------------------------------------------------------------------------------- one step
+
+    def _step_logits(self, x, query_index, window_index, canvas, cache, settings):
+        """The model on the query positions; logits of the window positions (guidance combined)."""
+        ids = x.index_select(1, query_index)
+        position_ids = canvas["position_ids"].index_select(1, query_index)
+        if settings.cfg_scale > 0:
+            unconditional = torch.where(canvas["prompt_index"], settings.mask_id, x).index_select(1, query_index)
+            ids = torch.cat([ids, unconditional])
+        logits = self(
+            input_ids=ids,
+            attention_mask=canvas["attention_mask"],
+            position_ids=position_ids,
+            cache=cache,
+            logits_to_keep=window_index - query_index[:1],
+        ).logits
+        if settings.cfg_scale > 0:
+            cond, uncond = logits.chunk(2, dim=0)
+            logits = uncond + (settings.cfg_scale + 1) * (cond - uncond)
+        return logits
+
+    def _full_step_logits(self, *args):
+        return self._step_logits(*args)
+
+    def _window_step_logits(self, *args):
+        return self._step_logits(*args)
+
+    @staticmethod
+    def _step_decode(x, window_index, limit, logits, counters, step_args, settings):
+        """Commit tokens of the window from its logits, in place on `x` and `counters` (no host read)."""
+        window = x.index_select(1, window_index)
+        candidates = (window == settings.mask_id) & (window_index < limit)[None, :]
+        decoder_args = {"threshold": settings.threshold}
+        if settings.decoder == "fixed":
+            decoder_args = {"counts": step_args["counts"], "max_count": settings.max_count}
+        new_window, committed = denoise_window(
+            window,
+            logits,
+            candidates,
+            decoder=settings.decoder,
+            mask_id=settings.mask_id,
+            temperature=settings.temperature,
+            top_k=settings.top_k,
+            top_p=settings.top_p,
+            remasking=settings.remasking,
+            gumbel_uniform=step_args.get("gumbel_uniform"),
+            remask_uniform=step_args.get("remask_uniform"),
+            **decoder_args,
+        )
+        x.index_copy_(1, window_index, new_window)
+        counters["committed"].add_(committed)
+        counters["active_steps"].add_(candidates.any().long())
+
+    def _step_functions(self, config, device) -> dict:
+        """The step's pieces: plain, or compiled once and kept on the model (a later call with the same shapes
+        reuses the compiled code). The forward over the whole sequence, the forward over a cached window and the
+        decoding are compiled apart: each keeps its own graphs, and sampler settings do not recompile a forward."""
+        plain = {"full": self._step_logits, "window": self._step_logits, "decode": self._step_decode}
+        if config.cache_implementation != "static" or config.disable_compile:
+            return plain
+        compiled = self.__dict__.setdefault("_compiled_diffusion_steps", {})
+        mode = "reduce-overhead" if device.type == "cuda" else None
+        if mode not in compiled:
+            compiled[mode] = {
+                "full": torch.compile(self._full_step_logits, fullgraph=True, mode=mode),
+                "window": torch.compile(self._window_step_logits, fullgraph=True, mode=mode),
+                "decode": torch.compile(self._step_decode, fullgraph=True, mode=mode),
+            }
+        return compiled[mode]
 
     # ------------------------------------------------------------------------------------------- loading
 
@@ -734,4 +909,6 @@ __all__ = [
     "DiffusionGenerationConfig",
     "DiffusionGenerationMixin",
     "DiffusionGenerationOutput",
+    "DiffusionPlan",
+    "num_transfer_tokens",
 ]

@@ -7,6 +7,7 @@ and experts interfaces). This file travels to the Hub as custom code: keep it fl
 imports only, optional dependencies behind guards.
 """
 
+import inspect
 from collections.abc import Callable
 
 import torch
@@ -175,7 +176,7 @@ class LLaDAMoEAttention(nn.Module):
         hidden_states: torch.Tensor,
         position_embeddings: tuple[torch.Tensor, torch.Tensor],
         attention_mask: torch.Tensor | None,
-        past_key_values: Cache | None = None,
+        cache: Cache | None = None,
         **kwargs: Unpack[TransformersKwargs],
     ) -> tuple[torch.Tensor, torch.Tensor | None]:
         input_shape = hidden_states.shape[:-1]
@@ -198,9 +199,9 @@ class LLaDAMoEAttention(nn.Module):
         cos, sin = position_embeddings
         query_states, key_states = apply_rotary_pos_emb(query_states, key_states, cos, sin)
 
-        if past_key_values is not None:
-            # Diffusion decoding caches (see generation_llada_moe.py) return the full key/value sequence.
-            key_states, value_states = past_key_values.update(key_states, value_states, self.layer_idx)
+        if cache is not None:
+            # Diffusion decoding caches (cache_llada_moe.py) return the full key/value sequence.
+            key_states, value_states = cache.update(key_states, value_states, self.layer_idx)
 
         attention_interface: Callable = ALL_ATTENTION_FUNCTIONS.get_interface(
             self.config._attn_implementation, eager_attention_forward
@@ -334,7 +335,7 @@ class LLaDAMoEDecoderLayer(GradientCheckpointingLayer):
         hidden_states: torch.Tensor,
         attention_mask: torch.Tensor | None = None,
         position_ids: torch.LongTensor | None = None,
-        past_key_values: Cache | None = None,
+        cache: Cache | None = None,
         position_embeddings: tuple[torch.Tensor, torch.Tensor] | None = None,
         **kwargs: Unpack[TransformersKwargs],
     ) -> torch.Tensor:
@@ -344,7 +345,7 @@ class LLaDAMoEDecoderLayer(GradientCheckpointingLayer):
             hidden_states=hidden_states,
             attention_mask=attention_mask,
             position_ids=position_ids,
-            past_key_values=past_key_values,
+            cache=cache,
             position_embeddings=position_embeddings,
             **kwargs,
         )
@@ -364,7 +365,7 @@ class LLaDAMoEPreTrainedModel(PreTrainedModel):
     base_model_prefix = "model"
     supports_gradient_checkpointing = True
     _no_split_modules = ["LLaDAMoEDecoderLayer"]
-    _skip_keys_device_placement = ["past_key_values"]
+    _skip_keys_device_placement = ["cache", "past_key_values"]
     _supports_flash_attn = True
     _supports_sdpa = True
     _supports_flex_attn = True
@@ -460,9 +461,10 @@ class LLaDAMoEModel(LLaDAMoEPreTrainedModel):
         input_ids: torch.LongTensor | None = None,
         attention_mask: torch.Tensor | None = None,
         position_ids: torch.LongTensor | None = None,
-        past_key_values: Cache | None = None,
+        cache: Cache | None = None,
         inputs_embeds: torch.Tensor | None = None,
         use_cache: bool | None = None,
+        past_key_values: Cache | None = None,
         **kwargs: Unpack[TransformersKwargs],
     ) -> MoeModelOutputWithPast:
         r"""
@@ -470,10 +472,12 @@ class LLaDAMoEModel(LLaDAMoEPreTrainedModel):
             1 for real tokens, 0 for padding. Attention is bidirectional; padding keys are masked out (the
             original Hub code ignored this mask). `kv_length` may exceed the query length when a diffusion
             decoding cache supplies the other keys.
-        past_key_values (*optional*):
+        cache (*optional*):
             A cache whose `update(key, value, layer_idx)` returns the full key/value states; used by the
-            prefix/dual-cache diffusion decoders. Pass `position_ids` with it.
+            prefix/dual-cache diffusion decoders (`BlockKVCache`). Pass `position_ids` with it. `past_key_values`
+            is accepted as its older name (transformers < 5.24).
         """
+        cache = _resolve_cache_argument(cache, past_key_values)
         if (input_ids is None) ^ (inputs_embeds is not None):
             raise ValueError("You must specify exactly one of input_ids or inputs_embeds")
         if inputs_embeds is None:
@@ -482,10 +486,10 @@ class LLaDAMoEModel(LLaDAMoEPreTrainedModel):
 
         q_length = inputs_embeds.shape[1]
         if position_ids is None:
-            past_seen = past_key_values.get_seq_length() if isinstance(past_key_values, Cache) else 0
+            past_seen = cache.get_seq_length() if isinstance(cache, Cache) else 0
             position_ids = torch.arange(q_length, device=inputs_embeds.device).unsqueeze(0) + past_seen
 
-        mask = self._bidirectional_mask(inputs_embeds, attention_mask, past_key_values)
+        mask = self._bidirectional_mask(inputs_embeds, attention_mask, cache)
         hidden_states = inputs_embeds
         position_embeddings = self.rotary_emb(hidden_states, position_ids)
         for decoder_layer in self.layers[: self.config.num_hidden_layers]:
@@ -493,24 +497,38 @@ class LLaDAMoEModel(LLaDAMoEPreTrainedModel):
                 hidden_states,
                 attention_mask=mask,
                 position_ids=position_ids,
-                past_key_values=past_key_values,
+                cache=cache,
                 position_embeddings=position_embeddings,
                 **kwargs,
             )
         hidden_states = self.norm(hidden_states)
-        return MoeModelOutputWithPast(last_hidden_state=hidden_states, past_key_values=past_key_values)
+        return MoeModelOutputWithPast(last_hidden_state=hidden_states, **{_OUTPUT_CACHE_FIELD: cache})
 
-    def _bidirectional_mask(self, inputs_embeds, attention_mask, past_key_values):
+    def _bidirectional_mask(self, inputs_embeds, attention_mask, cache):
         if attention_mask is None or attention_mask.dim() == 4:
             return attention_mask
-        if isinstance(past_key_values, Cache):
-            return create_bidirectional_mask(self.config, inputs_embeds, attention_mask, past_key_values=past_key_values)
+        if isinstance(cache, Cache):
+            return create_bidirectional_mask(self.config, inputs_embeds, attention_mask, **{_MASK_CACHE_ARGUMENT: cache})
         kv_length = attention_mask.shape[-1]
         if kv_length == inputs_embeds.shape[1]:
             return create_bidirectional_mask(self.config, inputs_embeds, attention_mask)
         # Queries are a slice of a longer cached sequence: only the key length and batch size matter here.
         kv_shape = inputs_embeds[:, :1].expand(-1, kv_length, -1)
         return create_bidirectional_mask(self.config, inputs_embeds, attention_mask, encoder_hidden_states=kv_shape)
+
+
+# transformers 5.24 renamed the cache argument and output field `past_key_values` to `cache` (the old name warns);
+# 5.17 knows only `past_key_values`. Use whichever this version has.
+_OUTPUT_CACHE_FIELD = "cache" if "cache" in MoeModelOutputWithPast.__dataclass_fields__ else "past_key_values"
+_MASK_CACHE_ARGUMENT = (
+    "cache" if "cache" in inspect.signature(create_bidirectional_mask).parameters else "past_key_values"
+)
+
+
+def _resolve_cache_argument(cache, past_key_values):
+    if past_key_values is not None and cache is not None:
+        raise ValueError("Pass the diffusion cache as `cache` or as `past_key_values`, not both.")
+    return cache if cache is not None else past_key_values
 
 
 def check_input_ids(input_ids: torch.Tensor, vocab_size: int):
@@ -553,7 +571,7 @@ class LLaDAMoEForDiffusionLM(LLaDAMoEPreTrainedModel, DiffusionGenerationMixin):
         input_ids: torch.LongTensor | None = None,
         attention_mask: torch.Tensor | None = None,
         position_ids: torch.LongTensor | None = None,
-        past_key_values: Cache | None = None,
+        cache: Cache | None = None,
         inputs_embeds: torch.Tensor | None = None,
         labels: torch.LongTensor | None = None,
         use_cache: bool | None = None,
@@ -561,6 +579,7 @@ class LLaDAMoEForDiffusionLM(LLaDAMoEPreTrainedModel, DiffusionGenerationMixin):
         logits_to_keep: int | torch.Tensor = 0,
         p_mask: torch.Tensor | None = None,
         loss_normalizer: torch.Tensor | None = None,
+        past_key_values: Cache | None = None,
         **kwargs: Unpack[TransformersKwargs],
     ) -> MoeCausalLMOutputWithPast:
         r"""
@@ -580,7 +599,7 @@ class LLaDAMoEForDiffusionLM(LLaDAMoEPreTrainedModel, DiffusionGenerationMixin):
             input_ids=input_ids,
             attention_mask=attention_mask,
             position_ids=position_ids,
-            past_key_values=past_key_values,
+            cache=_resolve_cache_argument(cache, past_key_values),
             inputs_embeds=inputs_embeds,
             use_cache=use_cache,
             output_router_logits=output_router_logits,
@@ -603,7 +622,7 @@ class LLaDAMoEForDiffusionLM(LLaDAMoEPreTrainedModel, DiffusionGenerationMixin):
             loss=loss,
             aux_loss=aux_loss,
             logits=logits,
-            past_key_values=outputs.past_key_values,
+            **{_OUTPUT_CACHE_FIELD: getattr(outputs, _OUTPUT_CACHE_FIELD)},
             hidden_states=outputs.hidden_states,
             attentions=outputs.attentions,
             router_logits=outputs.router_logits,

@@ -206,7 +206,7 @@ def record_forwards(model):
     calls = []
 
     def hook(module, args, kwargs):
-        calls.append((kwargs["input_ids"].shape[1], kwargs.get("past_key_values")))
+        calls.append((kwargs["input_ids"].shape[1], kwargs.get("cache")))
 
     return calls, model.model.register_forward_pre_hook(hook, with_kwargs=True)
 
@@ -252,9 +252,9 @@ def test_cached_step_logits_match_full_forward_on_fresh_cache(model, golden):
         for start, end in ((10, 26), (10, 18)):
             cache = BlockKVCache()
             cache.record()
-            model(x, position_ids=positions, past_key_values=cache)
+            model(x, position_ids=positions, cache=cache)
             cache.use(start, end)
-            part = model(x[:, start:end], position_ids=positions[:, start:end], past_key_values=cache).logits
+            part = model(x[:, start:end], position_ids=positions[:, start:end], cache=cache).logits
             torch.testing.assert_close(part, full[:, start:end], rtol=1e-5, atol=1e-5)
 
 
