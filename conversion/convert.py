@@ -174,8 +174,9 @@ def generation_settings(config, token_ids: dict, mask_token_id: int | None, stor
         default_block = SAMPLER_DEFAULTS["block_length"]
         settings.setdefault("block_length", default_block if new_tokens % default_block == 0 else new_tokens)
         settings.setdefault("steps", new_tokens)  # one token per step, as the original card
-    for key in ("temperature", "cfg_scale", "remasking"):
-        settings.setdefault(key, SAMPLER_DEFAULTS[key])
+    if not stored:  # written out for the card; generate() defaults to the same values when they are unset
+        for key in ("temperature", "cfg_scale", "remasking"):
+            settings.setdefault(key, SAMPLER_DEFAULTS[key])
     return {k: v for k, v in settings.items() if v is not None}
 
 
@@ -247,8 +248,7 @@ def rewrite_as_original(out_dir: Path, model, src_dir: Path, layout: str, source
 
 
 def sampler_origin(stored: dict, settings: dict) -> str:
-    sampler_keys = [k for k in ("max_new_tokens", "steps", "block_length", "temperature", "cfg_scale", "remasking")
-                    if k in settings]
+    sampler_keys = [k for k in ("max_new_tokens", "steps", "block_length") if k in settings]
     filled = [k for k in sampler_keys if k not in stored]
     if not stored:
         return "the source had no generation_config.json: the original model card's settings"

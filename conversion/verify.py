@@ -238,9 +238,9 @@ def cast_error_message(dtype, source_dtype, report: dict) -> str:
     limits = report["cast_tolerance"]
     flags = []
     if relative > limits["relative"]:
-        flags.append(f"--max-cast-error {math.ceil(relative * 100) / 100:g}")
+        flags.append(f"--max-cast-error {math.ceil(round(relative * 100, 6)) / 100:g}")
     if agreement < limits["top1"]:
-        flags.append(f"--min-cast-top1 {math.floor(agreement * 100) / 100:g}")
+        flags.append(f"--min-cast-top1 {math.floor(round(agreement * 100, 6)) / 100:g}")
     return (
         f"After the cast to {dtype} the logits moved too far from the source's ({source_dtype}): relative max "
         f"error {relative:.3e} (limit {limits['relative']}; {report['cast_positions_over_tolerance']} of "

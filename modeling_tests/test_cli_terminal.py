@@ -199,6 +199,7 @@ def run_cli(args, **kwargs):
                           env=env, timeout=300, **kwargs)
 
 
+@pytest.mark.slow  # a fresh Python process (10-20 s on the busy 2-core machine)
 def test_generate_stream_into_a_pipe_is_plain_text():
     args = ["generate", str(TINY_ASSET_DIR), "--chat", "--prompt", "sort 3 1 4 1 5"]
     streamed = run_cli(args + ["--stream"])
@@ -248,6 +249,7 @@ def read_until(master, pattern, timeout=120):
     raise AssertionError(f"{pattern!r} not seen in {seen[-2000:]!r}")
 
 
+@pytest.mark.slow  # a fresh Python process (10-20 s on the busy 2-core machine)
 def test_generate_draws_drafts_on_a_terminal():
     proc, master = spawn_in_pty(["generate", str(TINY_ASSET_DIR), "--chat", "--prompt", "sort 3 1 4 1 5"])
     try:
