@@ -13,7 +13,8 @@ RELEASE_SHAPE = ("vocab_size", "hidden_size", "num_hidden_layers", "num_experts"
                  "expert_intermediate_size")
 SAMPLER_KEYS = ("max_new_tokens", "max_length", "steps", "block_length", "temperature", "top_k", "top_p",
                 "cfg_scale", "remasking", "threshold", "cache_mode", "stop_at_eos")
-LAYOUT_NAMES = {"release": "the release's layout", "dinfer": "dInfer's fused layout", "llada_moe": "llada-moe-hf layout"}
+LAYOUT_NAMES = {"release": "the release's layout", "dinfer": "dInfer's fused layout",
+                "llada_moe": "llada-moe-hf layout"}
 
 
 def card_kind(card: str, src: str) -> str:
@@ -69,7 +70,8 @@ def describe_model(model, kind: str) -> tuple[str, dict]:
         summary = f"a LLaDA-MoE checkpoint of {sizes}"
     moe_layers = sum(1 for flag in (config.moe_layer_freq or []) if flag) if isinstance(config.moe_layer_freq, list) \
         else config.num_hidden_layers
-    experts = f"{config.num_experts} per MoE layer, top-{config.num_experts_per_tok}, width {config.expert_intermediate_size}"
+    experts = (f"{config.num_experts} per MoE layer, top-{config.num_experts_per_tok}, "
+               f"width {config.expert_intermediate_size}")
     if config.shared_expert_intermediate_size:
         experts += f", plus a shared expert of width {config.shared_expert_intermediate_size}"
     table = {

@@ -303,7 +303,8 @@ def convert(src: str, dst: str, *, dtype: str = "auto", max_shard_size: str = "5
                                           explicit=tokenizer is not None)
         stored, dropped = source_generation_config(src_dir)
         if dropped:
-            progress(f"generation_config.json: dropped {dropped} (autoregressive settings, unused by diffusion sampling)")
+            progress(f"generation_config.json: dropped {dropped} (autoregressive settings, unused by diffusion "
+                     "sampling)")
         settings = generation_settings(model.config, tokenizer_ids, mask_token_id, stored)
         if model.config.mask_token_id is None and settings.get("mask_token_id") is not None and not to_original:
             model.config.mask_token_id = settings["mask_token_id"]
@@ -336,7 +337,8 @@ def convert(src: str, dst: str, *, dtype: str = "auto", max_shard_size: str = "5
         )
         if not to_original:
             kind = card_kind(card, src_repo or str(src_dir))
-            write_card(tmp, kind, model=model, base_model=base_model or default_base_model(kind, model.config, src_repo),
+            card_base = base_model or default_base_model(kind, model.config, src_repo)
+            write_card(tmp, kind, model=model, base_model=card_base,
                        repo_id=repo_id or dst_path.name, source=src_repo or src_dir.name, layout=layout,
                        dtype=out_dtype, fused=fused_experts, settings=settings,
                        sampler_source=sampler_origin(stored, settings), token_ids=tokenizer_ids,

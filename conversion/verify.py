@@ -250,5 +250,6 @@ def cast_error_message(dtype, source_dtype, report: dict) -> str:
         "a batch of random token ids, where a small model (few experts, few layers) is far from what it was "
         "trained on and such near-ties are common, so a small or test model can exceed the limit although the "
         "cast is fine on real text. To accept this cast, re-run with " + " ".join(flags) + " (the measured "
-        "errors are then recorded in tensors.sha256.json and the model card); or keep the source's dtype (--dtype auto)."
+        "errors are then recorded in tensors.sha256.json and the model card); or keep the source's dtype "
+        "(--dtype auto)."
     )

@@ -47,13 +47,15 @@ def add_sampling_arguments(parser: argparse.ArgumentParser):
     group.add_argument("--max-new-tokens", type=int, help=f"tokens to generate (default: {STORED} 128)")
     group.add_argument(
         "--steps", type=int,
-        help="denoising steps over all blocks (default: the checkpoint's, re-derived at the same tokens per step "
-             "when you set --max-new-tokens; else one token per step); not used with --threshold",
+        help="denoising steps over all blocks (default: the checkpoint's; when you set --max-new-tokens, the "
+             "checkpoint's steps per token times your length, a multiple of the number of blocks; without a "
+             "stored value, one token per step); not used with --threshold",
     )
     group.add_argument(
         "--block-length", type=int,
-        help="tokens per semi-autoregressive block; must divide max-new-tokens (default: the checkpoint's when it "
-             "divides max-new-tokens, else 32 when that divides it, else one block)",
+        help="tokens per semi-autoregressive block, must divide max-new-tokens (default: the checkpoint's; when you "
+             "set --max-new-tokens, the largest divisor of it not above the checkpoint's; without a stored value, "
+             "32 when it divides max-new-tokens, else one block)",
     )
     group.add_argument("--temperature", type=float, help=f"0 = greedy (default: {STORED} 0)")
     group.add_argument("--top-k", type=int, help=f"sample among the k most likely tokens (default: {STORED} off)")

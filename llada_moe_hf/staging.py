@@ -227,10 +227,12 @@ def clean_leftovers(dst: Path, report) -> list[dict]:
             remaining.append(entry)
         elif entry["kind"] == "unknown":
             report(f"Note: {path} ({size}) looks like the output of an interrupted run (it has no lock file, so "
-                   f"whether that run still goes on is unknown). If none is running, remove it: rm -rf {shlex.quote(str(path))}")
+                   f"whether that run still goes on is unknown). If none is running, remove it: "
+                   f"rm -rf {shlex.quote(str(path))}")
             remaining.append(entry)
         else:
-            where = (f"an interrupted replacement left the previous {dst.name} there; remove it: rm -rf {shlex.quote(str(path))}"
+            where = (f"an interrupted replacement left the previous {dst.name} there; remove it: "
+                     f"rm -rf {shlex.quote(str(path))}"
                      if dst.exists() else
                      f"it holds the previous {dst.name}, moved aside by a replacement that was interrupted; restore "
                      f"it: mv {shlex.quote(str(path))} {shlex.quote(str(dst))}")

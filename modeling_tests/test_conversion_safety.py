@@ -248,6 +248,7 @@ def test_lora_push_without_network_says_what_failed(tmp_path):
     assert "create the repository" in message and "127.0.0.1:9" in message and "network" in message
     assert "save_adapter_with_card" in message
     with umask(0o022):
-        folder = save_adapter_with_card(peft_model, tmp_path / "adapter", base_model="inclusionAI/LLaDA-MoE-7B-A1B-Base")
+        folder = save_adapter_with_card(peft_model, tmp_path / "adapter",
+                                        base_model="inclusionAI/LLaDA-MoE-7B-A1B-Base")
     assert stat.S_IMODE(folder.stat().st_mode) == 0o755
     assert {stat.S_IMODE(p.stat().st_mode) for p in folder.iterdir()} == {0o644}
