@@ -134,9 +134,10 @@ def test_drafts_never_garble_a_scrolling_80x24_terminal(tiny):
         plain.close()
 
 
-def test_transformers_streamer_garbles_the_same_screen(tiny):
-    """The reason for DiffusionStreamer: transformers' TextDiffusionStreamer (save cursor, draw, restore) stacks
-    wrapped drafts once the screen scrolls. If this starts passing, transformers fixed it."""
+def test_the_check_sees_garbage_from_save_restore_drafts(tiny):
+    """The check above can fail: the same questions streamed with transformers' TextDiffusionStreamer (save the
+    cursor, draw, restore) leave drafts on the screen once wrapped drafts have scrolled it (what the demo printed
+    before DiffusionStreamer; `llada-moe demo` in an 80x24 terminal showed the same)."""
     model, tokenizer = tiny
     terminal = PtyTerminal(80, 24)
     try:
@@ -205,18 +206,6 @@ def test_generate_stream_into_a_pipe_is_plain_text():
     streamed = run_cli(args + ["--stream"])
     assert streamed.returncode == 0, streamed.stderr
     assert streamed.stdout == "1 1 3 4 5\n"  # no escape code, the answer cut at <|role_end|>, one newline
-
-
-@pytest.mark.slow
-def test_demo_into_a_file_has_no_escape_codes(tmp_path):
-    with open(tmp_path / "demo.txt", "w") as out:
-        proc = subprocess.run([sys.executable, "-m", "llada_moe_hf.cli", "demo", "--show", "2", "--eval", "1"],
-                              stdout=out, stderr=subprocess.PIPE, text=True, timeout=600,
-                              env=dict(os.environ, OMP_NUM_THREADS="1"))
-    assert proc.returncode == 0, proc.stderr[-2000:]
-    text = (tmp_path / "demo.txt").read_text()
-    assert not ESCAPE.search(text)
-    assert len(re.findall(r"^A: [0-9 ]+$", text, flags=re.M)) == 2  # each answer on one clean line
 
 
 def spawn_in_pty(args, columns=80, lines=24):
