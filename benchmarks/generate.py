@@ -1,29 +1,38 @@
-"""Diffusion generation speed of LLaDA-MoE through `model.generate()`: the exact reference sampler against the
-fast decoders (confidence threshold, prefix cache, dual cache, threshold + dual), side by side in one run.
+"""Diffusion generation speed of LLaDA-MoE through `model.generate()`: the sampler's modes (exact reference
+schedule, confidence threshold, prefix / dual KV cache), each on the plain (eager) path and on the static,
+compiled path (`cache_implementation="static"`), side by side in one run.
 
-CPU (a mid-size random model: 4 layers, hidden 512, 64 experts top-8, vocab 4096; about 1-2 minutes):
-    python benchmarks/generate.py
-GPU, the real LLaDA-MoE-7B-A1B shape (LLaDAMoEConfig defaults: 16 layers, hidden 2048, 64 experts of width 1024,
-top-8, vocab 157184) with random bf16 weights built directly on the device:
-    python benchmarks/generate.py --device cuda --real-shape
-Check the GPU path on a CPU with a shrunken real-shape model:
-    python benchmarks/generate.py --real-shape --small
+Models (`--model`):
+  * tiny: the embedded trained model (llada_moe_hf/assets/tiny) answering held-out questions of its task, so
+    that threshold decoding commits what a trained model is sure of;
+  * mid: a random mid-size model (4 layers, hidden 512, 64 experts of width 256, top-8, vocab 4096);
+  * real: the LLaDA-MoE-7B-A1B shape (16 layers, hidden 2048, 64 experts of width 1024, top-8, vocab 157184)
+    with random bf16 weights built on the device; `real-small` shrinks it to check the code path on a CPU.
 
-Random weights: the exact and cache modes use a fixed schedule (`steps`, so `max_new_tokens / steps` tokens per
-forward whatever the weights predict); their time per denoising step is the figure to compare with the
-weight-streaming floor of one forward on an H100 (about 4.7 ms at batch 1, benchmarks' reference notes
-perf_anchors.md). Threshold modes commit as many tokens as clear the threshold, which depends on the weights:
-the output layer is sharpened (`--sharpen`, default 25x) so that the random model makes confident predictions;
-their tokens/forward are illustrative only, their ms per step are real.
+Commands (each writes JSON to --out; nothing is written into benchmarks/results unless you say so):
+    python benchmarks/generate.py --model tiny --batch-sizes 1,64 --out /tmp/generate_tiny.json
+    python benchmarks/generate.py --model mid --out /tmp/generate_mid.json
+    python benchmarks/generate.py --device cuda --model real --prompt-length 512 --gen-length 1024 \\
+        --block-lengths 32,64 --tokens-per-step 4 --modes exact,dual-cache --experts grouped_mm,fused_moe \\
+        --batch-sizes 1,8,32 --out $OUT/generate_cuda_h100.json
 
-Prints a table and writes JSON (machine, versions, shapes, dtype, settings, timings, ratios) to --json.
+Random weights: the fixed-schedule modes commit `--tokens-per-step` tokens per forward whatever the weights
+predict, so their time per step is the figure to compare with the weight-streaming floor of one forward (about
+4.7 ms on an H100 at batch 1, shared/reference/perf_anchors.md). Threshold modes commit what clears the threshold,
+which depends on the weights: a random model's output layer is sharpened (`--sharpen`) so that it makes confident
+predictions; their tokens per forward then only illustrate the mechanism (their ms per step are real).
+"Same tokens as eager" compares the static path with the eager path of the same mode: it must be 1.00. The cache
+modes are approximations of the exact sampler; on a random model how many of their tokens equal the exact mode's
+says nothing about a cache's quality (modeling_tests/test_decoding.py checks that on the trained model).
 """
 
 import argparse
+import itertools
 import json
 import os
 import platform
 import statistics
+import subprocess
 import time
 
 import torch
@@ -42,12 +51,24 @@ MODES = {
     "dual-cache": dict(cache_mode="dual"),
     "threshold+dual": dict(cache_mode="dual", threshold=0.9),
 }
+IMPLEMENTATIONS = {"eager": {}, "static": dict(cache_implementation="static")}
+
+
+def git_commit() -> dict:
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    try:
+        commit = subprocess.run(["git", "rev-parse", "HEAD"], cwd=root, capture_output=True, text=True).stdout.strip()
+        dirty = bool(subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=root,
+                                    capture_output=True, text=True).stdout.strip())
+    except OSError:
+        return {"commit": None, "dirty": None}
+    return {"commit": commit or None, "dirty": dirty}
 
 
 def model_config(args) -> LLaDAMoEConfig:
-    if args.real_shape and not args.small:
+    if args.model == "real":
         dims = {}  # LLaDAMoEConfig defaults are the release's shape
-    elif args.real_shape:  # the same code path, shrunken so that a CPU can run it
+    elif args.model == "real-small":  # the same code path, shrunken so that a CPU can run it
         dims = dict(hidden_size=256, num_hidden_layers=2, num_attention_heads=2, expert_intermediate_size=128,
                     vocab_size=8192)
     else:
@@ -63,27 +84,47 @@ def model_config(args) -> LLaDAMoEConfig:
         mask_token_id=vocab - 1,
         eos_token_id=vocab - 2,
         pad_token_id=vocab - 2,
-        max_position_embeddings=max(8192, args.prompt_length + args.gen_length),
+        max_position_embeddings=max(8192, args.prompt_length + args.gen_length + 64),
     )
 
 
-def build_model(config, device: str, dtype: torch.dtype, args) -> LLaDAMoEForDiffusionLM:
+def build_random_model(config, args, dtype) -> LLaDAMoEForDiffusionLM:
     """Random weights created directly on the device in the target dtype (no float32 host copy of 7B params)."""
     default_dtype = torch.get_default_dtype()
     torch.set_default_dtype(dtype)
     try:
-        with torch.device(device):
-            model = LLaDAMoEForDiffusionLM._from_config(
-                config, dtype=dtype, attn_implementation=args.attn, experts_implementation=args.experts
-            )
+        with torch.device(args.device):
+            model = LLaDAMoEForDiffusionLM._from_config(config, dtype=dtype, attn_implementation=args.attn)
     finally:
         torch.set_default_dtype(default_dtype)
     with torch.no_grad():
         model.lm_head.weight.mul_(args.sharpen)
-        # A trained model never predicts the mask token; a random one would, and the reference sampler then
-        # leaves that position masked.
+        # A trained model never predicts the mask token; a random one would, and the fixed schedule then leaves
+        # that position masked.
         model.lm_head.weight[config.mask_token_id].zero_()
     return model.eval()
+
+
+def tiny_model_and_prompts(args, batch_sizes):
+    """The embedded model and left-padded batches of held-out questions (chat template), one per batch size."""
+    from transformers import AutoTokenizer
+
+    from llada_moe_hf.demo import TINY_ASSET_DIR, chat_prompt, held_out_questions
+
+    tokenizer = AutoTokenizer.from_pretrained(TINY_ASSET_DIR, trust_remote_code=False)
+    model = LLaDAMoEForDiffusionLM.from_pretrained(TINY_ASSET_DIR, attn_implementation=args.attn).to(args.device)
+    questions = held_out_questions(max(batch_sizes), seed=77)
+    prompts = {}
+    for batch_size in batch_sizes:
+        texts = [chat_prompt(tokenizer, *q) for q in questions[:batch_size]]
+        encoded = tokenizer(texts, return_tensors="pt", padding=True, padding_side="left", add_special_tokens=False)
+        prompts[batch_size] = {k: v.to(args.device) for k, v in encoded.items()}
+    ids = dict(
+        mask_token_id=tokenizer.mask_token_id,
+        eos_token_id=[tokenizer.eos_token_id, tokenizer.convert_tokens_to_ids("<|role_end|>")],
+        pad_token_id=tokenizer.pad_token_id,
+    )
+    return model.eval(), prompts, ids
 
 
 def synchronize(device):
@@ -91,41 +132,22 @@ def synchronize(device):
         torch.cuda.synchronize()
 
 
-def mode_kwargs(settings, args) -> dict:
-    return dict(
-        max_new_tokens=args.gen_length, block_length=args.block_length, steps=args.gen_length // args.tokens_per_step,
-        stop_at_eos=False, return_dict_in_generate=True, **settings,
+def generate_kwargs(mode, implementation, block_length, args, ids) -> dict:
+    kwargs = dict(
+        max_new_tokens=args.gen_length, block_length=block_length, stop_at_eos=args.model == "tiny",
+        return_dict_in_generate=True, **ids, **MODES[mode], **IMPLEMENTATIONS[implementation],
     )
+    if "threshold" not in MODES[mode]:
+        kwargs["steps"] = args.gen_length // args.tokens_per_step
+    return kwargs
 
 
-def warm_up(model, prompt, settings, args):
-    """One block (allocator, kernels, autotuning) before timing."""
-    kwargs = mode_kwargs(settings, args)
-    blocks = args.gen_length // args.block_length
-    model.generate(prompt, **{**kwargs, "max_new_tokens": args.block_length, "steps": kwargs["steps"] // blocks})
-
-
-def time_once(model, prompt, settings, args, device):
+def timed_generate(model, prompt, kwargs, device):
     synchronize(device)
     start = time.perf_counter()
-    out = model.generate(prompt, **mode_kwargs(settings, args))
+    out = model.generate(**prompt, **kwargs)
     synchronize(device)
     return time.perf_counter() - start, out
-
-
-def summarize(runs, prompt, args) -> dict:
-    seconds = statistics.median(r[0] for r in runs)
-    out = runs[0][1]
-    tokens = prompt.shape[0] * args.gen_length
-    return {
-        "seconds": seconds,
-        "seconds_all_runs": [r[0] for r in runs],
-        "tokens_per_s": tokens / seconds,
-        "forward_passes": out.nfe,
-        "tokens_per_forward": out.tokens_per_forward.mean().item(),
-        "ms_per_step": 1000 * seconds / out.nfe,
-        "sequences": out.sequences,
-    }
 
 
 def machine_info(device: str) -> dict:
@@ -134,124 +156,175 @@ def machine_info(device: str) -> dict:
         "processor": platform.processor() or platform.machine(),
         "cpu_count": os.cpu_count(),
         "torch_threads": torch.get_num_threads(),
+        "load_average_at_start": os.getloadavg() if hasattr(os, "getloadavg") else None,
     }
     if device.startswith("cuda"):
         info["gpu"] = torch.cuda.get_device_name(device)
     return info
 
 
-def main(argv=None):
+def split(value: str, kind=str) -> list:
+    return [kind(v.strip()) for v in value.split(",") if v.strip()]
+
+
+def parse_args(argv):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--model", choices=["tiny", "mid", "real", "real-small"], default="tiny")
     parser.add_argument("--device", default="cpu")
-    parser.add_argument("--real-shape", action="store_true", help="LLaDAMoEConfig defaults (the 7B release's shape)")
-    parser.add_argument("--small", action="store_true", help="with --real-shape: shrink it to test on a CPU")
-    parser.add_argument("--layers", type=int, default=None, help="override the number of layers")
-    parser.add_argument("--dtype", default=None, help="default: bfloat16 with --real-shape, else float32")
+    parser.add_argument("--layers", type=int, default=None, help="override the number of layers (random models)")
+    parser.add_argument("--dtype", default=None, help="default: bfloat16 for real shapes, else float32")
     parser.add_argument("--attn", default="sdpa")
-    parser.add_argument("--experts", default=None, help="experts implementation (default: the model's default)")
-    parser.add_argument("--batch-size", type=int, default=1)
-    parser.add_argument("--prompt-length", type=int, default=None, help="default 512 with --real-shape, else 128")
-    parser.add_argument("--gen-length", type=int, default=None, help="default 256 with --real-shape, else 64")
-    parser.add_argument("--block-length", type=int, default=32)
+    parser.add_argument("--experts", default=None,
+                        help="comma-separated experts implementations to compare (default: the model's default)")
+    parser.add_argument("--batch-sizes", default="1", help="comma-separated, e.g. 1,8,32")
+    parser.add_argument("--prompt-length", type=int, default=None, help="random models: default 512 real, else 128")
+    parser.add_argument("--gen-length", type=int, default=None, help="default 16 tiny, 1024 real, else 64")
+    parser.add_argument("--block-lengths", default=None, help="comma-separated (default 8 tiny, else 32)")
     parser.add_argument("--tokens-per-step", type=int, default=1, help="fixed schedule: steps = gen_length / this")
-    parser.add_argument("--sharpen", type=float, default=25.0, help="scale of the random output layer")
+    parser.add_argument("--modes", default=None, help=f"comma-separated subset of {list(MODES)} (default: all)")
+    parser.add_argument("--implementations", default="eager,static", help="comma-separated: eager, static")
+    parser.add_argument("--sharpen", type=float, default=25.0, help="random models: scale of the output layer")
     parser.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's)")
-    parser.add_argument("--repeats", type=int, default=None, help="timed runs per mode (median); default 3 GPU, 1 CPU")
-    parser.add_argument("--modes", default=",".join(MODES), help=f"comma-separated subset of {list(MODES)}")
-    parser.add_argument("--json", default=None, help="where to write the results (default benchmarks/results/...)")
+    parser.add_argument("--repeats", type=int, default=3, help="timed runs per row, round-robin (median)")
+    parser.add_argument("--out", required=True, help="where to write the JSON (e.g. /tmp/generate.json)")
     args = parser.parse_args(argv)
+    args.gen_length = args.gen_length or {"tiny": 16, "real": 1024}.get(args.model, 64)
+    args.prompt_length = args.prompt_length or (512 if args.model == "real" else 128)
+    args.block_lengths = split(args.block_lengths or ("8" if args.model == "tiny" else "32"), int)
+    args.batch_sizes = split(args.batch_sizes, int)
+    args.modes = split(args.modes or ",".join(MODES))
+    args.implementations = split(args.implementations)
+    args.experts = split(args.experts) if args.experts else [None]
+    for name, allowed in (("modes", MODES), ("implementations", IMPLEMENTATIONS)):
+        unknown = [v for v in getattr(args, name) if v not in allowed]
+        if unknown:
+            parser.error(f"unknown {name} {unknown}; choose from {list(allowed)}")
+    for block_length in args.block_lengths:
+        steps = args.gen_length // args.tokens_per_step
+        if args.gen_length % block_length or steps % (args.gen_length // block_length):
+            parser.error(f"--gen-length {args.gen_length} must be a multiple of the block length {block_length}, "
+                         "and the steps (gen_length / tokens_per_step) a multiple of the number of blocks")
+    return args
 
-    big = args.real_shape and not args.small
-    args.prompt_length = args.prompt_length or (512 if big else 128)
-    args.gen_length = args.gen_length or (256 if big else 64)
-    args.repeats = args.repeats or (3 if args.device.startswith("cuda") else 1)
-    dtype = getattr(torch, args.dtype) if args.dtype else (torch.bfloat16 if args.real_shape else torch.float32)
-    modes = [m.strip() for m in args.modes.split(",") if m.strip()]
-    unknown = [m for m in modes if m not in MODES]
-    if unknown:
-        parser.error(f"unknown mode(s) {unknown}; choose from {list(MODES)}")
-    if args.gen_length % args.block_length or (args.gen_length // args.tokens_per_step) % (args.gen_length // args.block_length):
-        parser.error("--gen-length must be a multiple of --block-length, and the steps a multiple of the blocks")
 
+def main(argv=None):
+    args = parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
     torch.manual_seed(0)
-    config = model_config(args)
     start = time.perf_counter()
-    model = build_model(config, args.device, dtype, args)
+    if args.model == "tiny":
+        model, prompts, ids = tiny_model_and_prompts(args, args.batch_sizes)
+    else:
+        dtype = getattr(torch, args.dtype) if args.dtype else (
+            torch.bfloat16 if args.model.startswith("real") else torch.float32)
+        config = model_config(args)
+        model = build_random_model(config, args, dtype)
+        ids = dict(mask_token_id=config.mask_token_id, eos_token_id=config.eos_token_id,
+                   pad_token_id=config.pad_token_id)
+        prompts = {b: {"input_ids": torch.randint(0, config.vocab_size - 2, (b, args.prompt_length),
+                                                  device=args.device)} for b in args.batch_sizes}
     build_seconds = time.perf_counter() - start
-    prompt = torch.randint(0, config.vocab_size - 2, (args.batch_size, args.prompt_length), device=args.device)
 
-    for name in modes:
-        warm_up(model, prompt, MODES[name], args)
-    runs = {name: [] for name in modes}
-    for _ in range(args.repeats):  # round-robin, so that a busy machine slows every mode alike
-        for name in modes:
-            runs[name].append(time_once(model, prompt, MODES[name], args, args.device))
-    results = {name: summarize(runs[name], prompt, args) for name in modes}
-    exact = results.get("exact")
+    rows = list(itertools.product(args.experts, args.batch_sizes, args.block_lengths, args.modes,
+                                  args.implementations))
+    warmup = {}
+    for experts, batch, block, mode, implementation in rows:
+        # The first call compiles the static path's graphs: its time is the compile cost, reported apart.
+        if experts is not None:
+            model.set_experts_implementation(experts)
+        seconds, _ = timed_generate(model, prompts[batch], generate_kwargs(mode, implementation, block, args, ids),
+                                    args.device)
+        warmup[(experts, batch, block, mode, implementation)] = seconds
+    runs = {row: [] for row in rows}
+    for _ in range(args.repeats):  # round-robin, so that a busy machine slows every row alike
+        for row in rows:
+            experts, batch, block, mode, implementation = row
+            if experts is not None:
+                model.set_experts_implementation(experts)
+            runs[row].append(timed_generate(model, prompts[batch],
+                                            generate_kwargs(mode, implementation, block, args, ids), args.device))
 
-    shapes = {
-        "layers": config.num_hidden_layers, "hidden": config.hidden_size, "heads": config.num_attention_heads,
-        "experts": config.num_experts, "top_k": config.num_experts_per_tok,
-        "expert_width": config.expert_intermediate_size, "vocab": config.vocab_size,
-        "batch_size": args.batch_size, "prompt_length": args.prompt_length, "gen_length": args.gen_length,
-        "block_length": args.block_length, "steps": args.gen_length // args.tokens_per_step,
-    }
-    title = f"LLaDA-MoE generate() on {args.device}, {model.dtype}, " + ", ".join(f"{k}={v}" for k, v in shapes.items())
+    results = []
+    for row in rows:
+        experts, batch, block, mode, implementation = row
+        seconds = statistics.median(r[0] for r in runs[row])
+        out = runs[row][0][1]
+        eager = runs.get((experts, batch, block, mode, "eager"))
+        result = {
+            "experts": experts or model.config._experts_implementation,
+            "batch_size": batch,
+            "block_length": block,
+            "mode": mode,
+            "implementation": implementation,
+            "seconds": seconds,
+            "seconds_all_runs": [r[0] for r in runs[row]],
+            "first_call_seconds": warmup[row],
+            "tokens_per_s": batch * args.gen_length / seconds,
+            "forward_passes": out.nfe,
+            "tokens_per_forward": out.tokens_per_forward.mean().item(),
+            "ms_per_step": 1000 * seconds / out.nfe,
+        }
+        if eager is not None:
+            eager_seconds = statistics.median(r[0] for r in eager)
+            result["speedup_vs_eager"] = eager_seconds / seconds
+            result["same_tokens_as_eager"] = (out.sequences == eager[0][1].sequences).float().mean().item()
+        if args.model.startswith("real"):
+            result["ms_per_step_over_h100_floor"] = result["ms_per_step"] / H100_FLOOR_MS
+        results.append(result)
+
+    title = (f"LLaDA-MoE generate() on {args.device}, {args.model} model, {model.dtype}, prompt "
+             f"{'questions' if args.model == 'tiny' else args.prompt_length}, {args.gen_length} new tokens, "
+             f"{args.tokens_per_step} token(s)/step for the fixed schedule, threads {torch.get_num_threads()}")
     print(title)
-    header = f"{'mode':<16}{'tokens/s':>10}{'fwd passes':>12}{'tok/fwd':>9}{'ms/step':>10}{'speedup':>9}{'same as exact':>15}"
-    if args.real_shape or args.device.startswith("cuda"):
-        header += f"{'x H100 floor':>14}"
+    header = (f"{'experts':<11}{'batch':>6}{'block':>6} {'mode':<15}{'path':<7}{'tok/s':>9}{'fwd':>6}{'tok/fwd':>8}"
+              f"{'ms/step':>9}{'vs eager':>9}{'same':>6}{'1st call s':>11}")
+    if args.model.startswith("real"):
+        header += f"{'x floor':>8}"
     print(header)
-    rows = {}
-    for name, r in results.items():
-        row = {k: v for k, v in r.items() if k != "sequences"}
-        if exact is not None:
-            row["speedup_vs_exact"] = r["tokens_per_s"] / exact["tokens_per_s"]
-            row["fraction_tokens_equal_to_exact"] = (r["sequences"] == exact["sequences"]).float().mean().item()
-        row["ms_per_step_over_h100_floor"] = r["ms_per_step"] / H100_FLOOR_MS
-        rows[name] = row
-        line = (
-            f"{name:<16}{r['tokens_per_s']:>10.1f}{r['forward_passes']:>12d}{r['tokens_per_forward']:>9.2f}"
-            f"{r['ms_per_step']:>10.2f}{row.get('speedup_vs_exact', float('nan')):>8.2f}x"
-            f"{row.get('fraction_tokens_equal_to_exact', float('nan')):>15.2f}"
-        )
-        if args.real_shape or args.device.startswith("cuda"):
-            line += f"{row['ms_per_step_over_h100_floor']:>13.2f}x"
+    for r in results:
+        line = (f"{r['experts']:<11}{r['batch_size']:>6}{r['block_length']:>6} {r['mode']:<15}{r['implementation']:<7}"
+                f"{r['tokens_per_s']:>9.1f}{r['forward_passes']:>6d}{r['tokens_per_forward']:>8.2f}"
+                f"{r['ms_per_step']:>9.2f}{r.get('speedup_vs_eager', float('nan')):>8.2f}x"
+                f"{r.get('same_tokens_as_eager', float('nan')):>6.2f}{r['first_call_seconds']:>11.1f}")
+        if args.model.startswith("real"):
+            line += f"{r['ms_per_step_over_h100_floor']:>7.2f}x"
         print(line)
 
     report = {
         "benchmark": "generate",
         "command": "python benchmarks/generate.py " + " ".join(argv if argv is not None else os.sys.argv[1:]),
+        "git": git_commit(),
         "machine": machine_info(args.device),
         "versions": {
             "python": platform.python_version(), "torch": torch.__version__, "transformers": transformers.__version__,
             "llada_moe_hf": llada_moe_hf.__version__,
         },
         "device": args.device,
+        "model": args.model,
         "dtype": str(model.dtype).replace("torch.", ""),
         "attn_implementation": model.config._attn_implementation,
-        "experts_implementation": model.config._experts_implementation,
-        "shapes": shapes,
-        "real_shape": args.real_shape and not args.small,
+        "shapes": {
+            "layers": model.config.num_hidden_layers, "hidden": model.config.hidden_size,
+            "experts": model.config.num_experts, "top_k": model.config.num_experts_per_tok,
+            "expert_width": model.config.expert_intermediate_size, "vocab": model.config.vocab_size,
+            "prompt_length": None if args.model == "tiny" else args.prompt_length, "gen_length": args.gen_length,
+            "tokens_per_step_fixed_schedule": args.tokens_per_step,
+        },
         "threshold": 0.9,
-        "sharpen": args.sharpen,
+        "sharpen": None if args.model == "tiny" else args.sharpen,
         "repeats": args.repeats,
         "model_build_seconds": build_seconds,
         "h100_floor_ms_per_forward": H100_FLOOR_MS,
-        "results": rows,
+        "load_average_at_end": os.getloadavg() if hasattr(os, "getloadavg") else None,
+        "results": results,
     }
-    path = args.json or os.path.join(
-        os.path.dirname(os.path.abspath(__file__)), "results",
-        f"generate_{args.device.split(':')[0]}{'_real' if report['real_shape'] else ''}{'_small' if args.small else ''}.json",
-    )
-    os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
-    tmp = path + ".tmp"
+    os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
+    tmp = args.out + ".tmp"
     with open(tmp, "w") as f:
         json.dump(report, f, indent=2)
-    os.replace(tmp, path)
-    print(f"wrote {path}")
+    os.replace(tmp, args.out)
+    print(f"wrote {args.out}")
     return report
 
 

@@ -13,6 +13,7 @@ SUBCOMMANDS = {
     "generate": ("llada_moe_hf.cli_generate", "generate from a prompt with diffusion sampling"),
     "chat": ("llada_moe_hf.cli_chat", "interactive chat with streaming output"),
     "convert": ("llada_moe_hf.conversion.convert", "convert a checkpoint into a Hub-ready custom-code repo"),
+    "eval": ("llada_moe_hf.cli_eval", "evaluate with lm-evaluation-harness (needs the eval extra)"),
 }
 
 

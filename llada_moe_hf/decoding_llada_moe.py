@@ -35,21 +35,22 @@ def num_transfer_tokens(mask_count: torch.Tensor, steps: int) -> torch.Tensor:
     return schedule
 
 
-def add_gumbel_noise(logits: torch.Tensor, temperature: float, uniform: torch.Tensor | None) -> torch.Tensor:
+def add_gumbel_noise(logits: torch.Tensor, temperature, uniform: torch.Tensor | None) -> torch.Tensor:
     """Gumbel-max scores exp(logits) / (-log u)^temperature in float64 (float32 is not enough to keep the
-    sampled distribution right, per the LLaDA authors); identity at temperature 0. `uniform` holds u ~ U(0, 1)
-    of the logits' shape, in float64."""
-    if temperature == 0:
+    sampled distribution right, per the LLaDA authors). `uniform` holds u ~ U(0, 1) of the logits' shape, in
+    float64; None means temperature 0 (greedy: the logits as they are). `temperature` may be a 0-d tensor."""
+    if uniform is None:
         return logits
     return logits.to(torch.float64).exp() / (-torch.log(uniform)) ** temperature
 
 
-def filter_top_k_top_p(logits: torch.Tensor, top_k: int | None, top_p: float | None) -> torch.Tensor:
-    """Set logits outside the top-k / nucleus (top-p) set to -inf. The best token is always kept."""
+def filter_top_k_top_p(logits: torch.Tensor, top_k: int | None, top_p) -> torch.Tensor:
+    """Set logits outside the top-k / nucleus (top-p) set to -inf. The best token is always kept. `top_p` may be
+    a 0-d tensor (then it is applied whatever its value)."""
     if top_k is not None and top_k < logits.shape[-1]:
         kth = torch.topk(logits, top_k, dim=-1).values[..., -1:]
         logits = logits.masked_fill(logits < kth, float("-inf"))
-    if top_p is not None and top_p < 1.0:
+    if top_p is not None and (isinstance(top_p, torch.Tensor) or top_p < 1.0):
         sorted_logits, sorted_idx = torch.sort(logits, descending=True, dim=-1)
         sorted_probs = sorted_logits.softmax(dim=-1)
         drop_sorted = sorted_probs.cumsum(dim=-1) - sorted_probs >= top_p  # mass before this token already >= p
@@ -77,6 +78,8 @@ def confidence_scores(
 
 
 # ----------------------------------------------------------------------------------------------- decoder policies
+# A decoder policy takes `confidence` [batch, W] (-inf at positions that are not candidates), `candidates`
+# [batch, W] (bool) and its own keyword arguments, and returns the positions to commit [batch, W] (bool).
 
 
 def fixed_schedule_decoder(confidence, candidates, *, counts, max_count, **unused):
@@ -109,9 +112,9 @@ def denoise_window(
     *,
     decoder: str,
     mask_id: int,
-    temperature: float = 0.0,
+    temperature=0.0,
     top_k: int | None = None,
-    top_p: float | None = None,
+    top_p=None,
     remasking: str = "low_confidence",
     gumbel_uniform: torch.Tensor | None = None,
     remask_uniform: torch.Tensor | None = None,
@@ -125,6 +128,9 @@ def denoise_window(
         candidates: `[batch, W]` bool, the masked positions that may be committed now.
         decoder: a key of `DECODERS`; `decoder_args` are its keyword arguments (`counts`/`max_count` or
             `threshold`).
+        gumbel_uniform, remask_uniform: the random numbers of the step (U(0, 1)): Gumbel-max sampling with
+            `temperature` when `gumbel_uniform` is given (greedy otherwise), and the "random" ranking.
+        Numbers (`temperature`, `top_p`, `threshold`) may be Python numbers or 0-d tensors.
 
     Returns the new window (committed positions hold their token) and the number of tokens committed per row.
     """

@@ -635,6 +635,49 @@ class FusedMoEFunction(torch.autograd.Function):
         return grad_x, grad_routing, grad_gate_up, grad_down, None, None
 
 
+# ----------------------------------------------------------------------------------------------- compiled graphs
+# Inside torch.compile (the static decoding step of generate) the inference forward is one opaque op: dynamo does
+# not trace the host-side launch logic or the Triton launches, and a CUDA graph captures the kernels as they run.
+
+
+def _fused_inference(hidden_states, top_k_weights, gate_up_proj, down_proj, top_k_index):
+    config = get_config(
+        hidden_states.shape[0], gate_up_proj.shape[0], gate_up_proj.shape[2], gate_up_proj.shape[1] // 2,
+        top_k_index.shape[1], hidden_states.device,
+    )
+    config = _fit_to_dtype(config, gate_up_proj.dtype)
+    args = (hidden_states, top_k_weights, gate_up_proj, down_proj, top_k_index, config)
+    return _fused_forward(*args, keep_for_backward=False)[0]
+
+
+def _register_inference_op():
+    """`torch.ops.llada_moe.fused_experts`, registered once per process (the package and a Hub copy of this file
+    may both be imported)."""
+    try:
+        return torch.ops.llada_moe.fused_experts
+    except (AttributeError, RuntimeError):
+        pass
+
+    @torch.library.custom_op("llada_moe::fused_experts", mutates_args=())
+    def fused_experts(
+        hidden_states: torch.Tensor,
+        top_k_weights: torch.Tensor,
+        gate_up_proj: torch.Tensor,
+        down_proj: torch.Tensor,
+        top_k_index: torch.Tensor,
+    ) -> torch.Tensor:
+        return _fused_inference(hidden_states, top_k_weights, gate_up_proj, down_proj, top_k_index)
+
+    @fused_experts.register_fake
+    def _(hidden_states, top_k_weights, gate_up_proj, down_proj, top_k_index):
+        return hidden_states.new_empty(hidden_states.shape)
+
+    return torch.ops.llada_moe.fused_experts
+
+
+_FUSED_EXPERTS_OP = _register_inference_op()
+
+
 # ----------------------------------------------------------------------------------------------- entry point
 
 
@@ -671,16 +714,18 @@ def fused_moe_experts_forward(
         return torch.zeros_like(hidden_states)
     # grouped_mm casts the input to the weight dtype (no autocast support); do the same.
     hidden_states = hidden_states.to(gate_up_proj.dtype)
-    num_experts, two_i, hidden = gate_up_proj.shape
-    config = get_config(
-        hidden_states.shape[0], num_experts, hidden, two_i // 2, top_k_index.shape[1], hidden_states.device
-    )
-    config = _fit_to_dtype(config, gate_up_proj.dtype)
-    args = (hidden_states, top_k_weights.to(gate_up_proj.dtype), gate_up_proj, down_proj, top_k_index, config)
-    if torch.is_grad_enabled() and any(t.requires_grad for t in args[:4]):
-        return FusedMoEFunction.apply(*args)
+    top_k_weights = top_k_weights.to(gate_up_proj.dtype)
+    if torch.is_grad_enabled() and any(t.requires_grad for t in (hidden_states, top_k_weights, gate_up_proj, down_proj)):
+        num_experts, two_i, hidden = gate_up_proj.shape
+        config = get_config(
+            hidden_states.shape[0], num_experts, hidden, two_i // 2, top_k_index.shape[1], hidden_states.device
+        )
+        config = _fit_to_dtype(config, gate_up_proj.dtype)
+        return FusedMoEFunction.apply(hidden_states, top_k_weights, gate_up_proj, down_proj, top_k_index, config)
     # Inference (generation): no autograd node, no tensors kept; fewer host-side steps per layer.
-    return _fused_forward(*args, keep_for_backward=False)[0]
+    if torch.compiler.is_compiling():
+        return _FUSED_EXPERTS_OP(hidden_states.contiguous(), top_k_weights, gate_up_proj, down_proj, top_k_index)
+    return _fused_inference(hidden_states, top_k_weights, gate_up_proj, down_proj, top_k_index)
 
 
 def register_fused_moe_experts():

@@ -99,8 +99,9 @@ class DiffusionGenerationConfig(GenerationConfig):
         cache_implementation (`str`): "static" selects fixed shapes, preallocated KV buffers and a compiled
             denoising step (same tokens as the default path, much less host overhead); None (default) runs eagerly.
         disable_compile (`bool`): with `cache_implementation="static"`, run the static path without compiling.
-        sync_interval (`int`): static path, threshold decoding: how many steps run between two host checks of
-            whether the block is done (default 4; extra steps on a finished block change nothing).
+        sync_interval (`int`): static path, threshold decoding: at most this many steps run between two host
+            checks of whether the block is done (default 4; fewer when the block is nearly done, at the rate tokens
+            were committed so far; extra steps on a finished block change nothing).
         prompt_bucket (`int`): static path: prompts are left-padded to a multiple of this (default 64; short
             prompts to the next power of two when it is smaller), so that new prompt lengths within a bucket reuse
             the compiled step.
@@ -314,14 +315,10 @@ class DiffusionPlan:
         only a prompt with masks (infilling) adds them to the first block, read once."""
         steps = self.steps_per_block
         if self.prompt_has_masks and index == 0:
-            start, end = self.block(0)
-            mask_count = (x[:, :end] == self.mask_id).sum(-1)
-        else:
-            mask_count = torch.full((x.shape[0],), self.block_length, dtype=torch.long, device=x.device)
-        counts = num_transfer_tokens(mask_count, steps)
-        if self.prompt_has_masks and index == 0:
+            counts = num_transfer_tokens((x[:, : self.block(0)[1]] == self.mask_id).sum(-1), steps)
             return counts, counts.max(0).values.tolist()
-        return counts, num_transfer_tokens(mask_count[:1].cpu(), steps)[0].tolist()
+        per_step = num_transfer_tokens(torch.tensor([self.block_length]), steps)
+        return per_step.expand(x.shape[0], -1).to(x.device, non_blocking=True), per_step[0].tolist()
 
 
 def prompt_bucket_size(prompt_length: int, bucket: int) -> int:
@@ -333,17 +330,29 @@ def prompt_bucket_size(prompt_length: int, bucket: int) -> int:
 
 @dataclass(frozen=True)
 class StepSettings:
-    """The Python constants of a denoising step (a compiled step is specialised on them)."""
+    """The Python constants of a denoising step: a compiled step is specialised on them. Numbers that users vary
+    (temperature, top-p, threshold, guidance scale) are 0-d tensors instead (`step_values`), so that changing
+    them does not compile anything new."""
 
     decoder: str
     mask_id: int
-    temperature: float
+    sampling: bool  # temperature > 0
     top_k: int | None
-    top_p: float | None
+    nucleus: bool  # top_p < 1
     remasking: str
-    threshold: float | None
-    cfg_scale: float
+    guidance: bool  # cfg_scale > 0
     max_count: int = 0
+
+
+def step_values(config, device) -> dict[str, torch.Tensor]:
+    """The numeric settings as 0-d tensors, with the dtypes the eager arithmetic used (float64 for the Gumbel
+    exponent; the others meet float32 logits)."""
+    return {
+        "temperature": torch.tensor(float(config.temperature), dtype=torch.float64, device=device),
+        "top_p": torch.tensor(float(config.top_p if config.top_p is not None else 1.0), device=device),
+        "threshold": torch.tensor(float(config.threshold if config.threshold is not None else 1.0), device=device),
+        "guidance_weight": torch.tensor(float(config.cfg_scale) + 1.0, device=device),
+    }
 
 
 class StepRandom:
@@ -365,6 +374,27 @@ class StepRandom:
         # Open interval (0, 1): -log(u) must be finite and non-zero.
         u = torch.rand(shape, dtype=torch.float64, device=self.device, generator=self.generator)
         return u.clamp_(min=torch.finfo(torch.float64).tiny)
+
+
+RECOMPILE_LIMIT = 64  # graphs per step piece: shapes (one per bucket, block and batch size) x sampler settings
+
+
+def _with_recompile_budget(compiled, plain):
+    """Run a compiled step piece with room for the graphs a session of different settings needs (torch's default
+    is 8 per function); past that, say so once and run the piece eagerly rather than fail."""
+
+    def run(*args):
+        with torch._dynamo.config.patch(recompile_limit=RECOMPILE_LIMIT):
+            try:
+                return compiled(*args)
+            except torch._dynamo.exc.FailOnRecompileLimitHit:
+                logger.warning_once(
+                    f"generate(cache_implementation='static'): more than {RECOMPILE_LIMIT} graphs were compiled for "
+                    "one step piece; the rest of this session runs it eagerly (same tokens, slower)."
+                )
+                return plain(*args)
+
+    return run
 
 
 # ----------------------------------------------------------------------------------------------- the mixin
@@ -640,13 +670,13 @@ class DiffusionGenerationMixin:
         settings = StepSettings(
             decoder=plan.decoder,
             mask_id=plan.mask_id,
-            temperature=float(config.temperature),
+            sampling=config.temperature > 0,
             top_k=config.top_k,
-            top_p=config.top_p,
+            nucleus=config.top_p is not None and config.top_p < 1.0,
             remasking=config.remasking,
-            threshold=config.threshold,
-            cfg_scale=float(config.cfg_scale),
+            guidance=config.cfg_scale > 0,
         )
+        values = step_values(config, device)
         stop_ids = torch.tensor(plan.stop_ids, device=device) if plan.stop_ids else None
         finished = torch.zeros(batch_size, dtype=torch.bool, device=device)
         sync_interval = config.sync_interval if static else 1
@@ -660,17 +690,21 @@ class DiffusionGenerationMixin:
             window_index = torch.arange(*plan.window(block), device=device)
             limit = torch.tensor(block_end, device=device)
             counts, max_counts = plan.schedule(block, x) if plan.decoder == "fixed" else (None, None)
-            step = 0
+            step, next_check, started_with = 0, 0, None
             while True:
                 if plan.decoder == "fixed" and step == plan.steps_per_block:
                     break
-                if plan.decoder != "fixed" and step % sync_interval == 0 and not self._masks_left(x, plan, block):
-                    break
+                if plan.decoder != "fixed" and step == next_check:
+                    remaining = self._masks_left(x, plan, block)
+                    if not any(remaining):
+                        break
+                    started_with = started_with or remaining
+                    next_check = step + self._steps_until_check(remaining, started_with, step, sync_interval)
                 query_start, query_end = plan.query(block, step, config.cache_mode)
                 query_index = torch.arange(query_start, query_end, device=device)
                 if cache is not None:
                     cache.use_positions(query_index, refresh=step == 0)
-                step_settings, step_args = settings, {}
+                step_settings, step_args = settings, dict(values)
                 if counts is not None:
                     step_settings = dataclasses.replace(settings, max_count=max_counts[step])
                     step_args["counts"] = counts[:, step]
@@ -679,7 +713,7 @@ class DiffusionGenerationMixin:
                 if static and device.type == "cuda":
                     torch.compiler.cudagraph_mark_step_begin()  # the previous step's graph outputs are spent
                 forward = pieces["full" if query_end - query_start == x.shape[1] else "window"]
-                logits = forward(x, query_index, window_index, canvas, cache, settings)
+                logits = forward(x, query_index, window_index, canvas, cache, settings, values)
                 pieces["decode"](x, window_index, limit, logits, counters, step_args, step_settings)
                 fixed_steps += plan.decoder == "fixed"
                 step += 1
@@ -766,17 +800,27 @@ class DiffusionGenerationMixin:
     def _step_noise(random, block, step, batch_size, width, settings) -> dict:
         """The uniform numbers a step needs, drawn outside the (possibly compiled) step."""
         noise = {}
-        if settings.temperature > 0:
+        if settings.sampling:
             noise["gumbel_uniform"] = random.uniform((batch_size, width, random.vocab_size), block, step, 0)
         if settings.remasking == "random":
             noise["remask_uniform"] = random.uniform((batch_size, width), block, step, 1).float()
         return noise
 
     @staticmethod
-    def _masks_left(x, plan, block) -> bool:
-        """Whether a row still has a mask it may commit in this block (a host read)."""
+    def _masks_left(x, plan, block) -> list[int]:
+        """How many masks each row may still commit in this block (one host read)."""
         start, end = plan.window(block)
-        return bool((x[:, start : min(end, plan.block(block)[1])] == plan.mask_id).any())
+        return (x[:, start : min(end, plan.block(block)[1])] == plan.mask_id).sum(-1).tolist()
+
+    @staticmethod
+    def _steps_until_check(remaining, started_with, step, sync_interval) -> int:
+        """Threshold decoding: how many steps to run before the host looks again (dInfer's loop unrolling): the
+        steps the slowest row still needs at the rate it has committed so far, at most `sync_interval`. A block's
+        first step is checked at once: a confident model often commits the whole block in it."""
+        if sync_interval == 1 or step == 0:
+            return 1
+        needed = max(left * step / max(start - left, 1) for left, start in zip(remaining, started_with))
+        return max(1, min(sync_interval, int(needed)))
 
     @staticmethod
     def _stop_finished_rows(x, finished, stop_ids, prompt_length, block_end, eos_fill):
@@ -793,11 +837,11 @@ class DiffusionGenerationMixin:
 
     # ------------------------------------------------------------------------------------------- one step
 
-    def _step_logits(self, x, query_index, window_index, canvas, cache, settings):
+    def _step_logits(self, x, query_index, window_index, canvas, cache, settings, values):
         """The model on the query positions; logits of the window positions (guidance combined)."""
         ids = x.index_select(1, query_index)
         position_ids = canvas["position_ids"].index_select(1, query_index)
-        if settings.cfg_scale > 0:
+        if settings.guidance:
             unconditional = torch.where(canvas["prompt_index"], settings.mask_id, x).index_select(1, query_index)
             ids = torch.cat([ids, unconditional])
         logits = self(
@@ -807,9 +851,9 @@ class DiffusionGenerationMixin:
             cache=cache,
             logits_to_keep=window_index - query_index[:1],
         ).logits
-        if settings.cfg_scale > 0:
+        if settings.guidance:
             cond, uncond = logits.chunk(2, dim=0)
-            logits = uncond + (settings.cfg_scale + 1) * (cond - uncond)
+            logits = uncond + values["guidance_weight"] * (cond - uncond)
         return logits
 
     def _full_step_logits(self, *args):
@@ -823,7 +867,7 @@ class DiffusionGenerationMixin:
         """Commit tokens of the window from its logits, in place on `x` and `counters` (no host read)."""
         window = x.index_select(1, window_index)
         candidates = (window == settings.mask_id) & (window_index < limit)[None, :]
-        decoder_args = {"threshold": settings.threshold}
+        decoder_args = {"threshold": step_args["threshold"]}
         if settings.decoder == "fixed":
             decoder_args = {"counts": step_args["counts"], "max_count": settings.max_count}
         new_window, committed = denoise_window(
@@ -832,9 +876,9 @@ class DiffusionGenerationMixin:
             candidates,
             decoder=settings.decoder,
             mask_id=settings.mask_id,
-            temperature=settings.temperature,
+            temperature=step_args["temperature"],
             top_k=settings.top_k,
-            top_p=settings.top_p,
+            top_p=step_args["top_p"] if settings.nucleus else None,
             remasking=settings.remasking,
             gumbel_uniform=step_args.get("gumbel_uniform"),
             remask_uniform=step_args.get("remask_uniform"),
@@ -854,10 +898,10 @@ class DiffusionGenerationMixin:
         compiled = self.__dict__.setdefault("_compiled_diffusion_steps", {})
         mode = "reduce-overhead" if device.type == "cuda" else None
         if mode not in compiled:
+            functions = {"full": self._full_step_logits, "window": self._window_step_logits, "decode": self._step_decode}
             compiled[mode] = {
-                "full": torch.compile(self._full_step_logits, fullgraph=True, mode=mode),
-                "window": torch.compile(self._window_step_logits, fullgraph=True, mode=mode),
-                "decode": torch.compile(self._step_decode, fullgraph=True, mode=mode),
+                key: _with_recompile_budget(torch.compile(fn, fullgraph=True, mode=mode), plain[key])
+                for key, fn in functions.items()
             }
         return compiled[mode]
 
