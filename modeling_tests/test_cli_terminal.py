@@ -11,6 +11,7 @@ import subprocess
 import sys
 import termios
 
+import pyte  # the test extra's VT100 emulator: what a terminal would show
 import pytest
 import torch
 from transformers import AutoTokenizer, TextDiffusionStreamer
@@ -19,8 +20,6 @@ from llada_moe_hf import LLaDAMoEForDiffusionLM
 from llada_moe_hf.demo import TINY_ASSET_DIR, chat_prompt, generation_kwargs, held_out_questions
 from llada_moe_hf.terminal import DiffusionStreamer, cell_width
 
-
-pyte = pytest.importorskip("pyte", reason="the test extra installs pyte (pip install -e '.[test]')")
 
 ESCAPE = re.compile(r"\x1b")
 
