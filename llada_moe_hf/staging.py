@@ -197,17 +197,17 @@ def _read_lock(lock: Path) -> dict:
 
 
 def _lock_state(lock: Path, info: dict) -> str:
-    try:
-        with open(lock) as handle:
-            if _try_lock(handle):
-                return "stale"
-    except OSError:
-        return "unknown"
+    """"stale" when no live process holds the lock (the kernel drops an flock when its holder dies), else
+    "running"; without flock (Windows), whether the recorded pid still runs."""
     try:
         import fcntl  # noqa: F401
     except ImportError:
         return "running" if _owner_alive(info) else "stale"
-    return "running"
+    try:
+        with open(lock) as handle:
+            return "stale" if _try_lock(handle) else "running"
+    except OSError:
+        return "unknown"
 
 
 def clean_leftovers(dst: Path, report) -> list[dict]:
