@@ -13,12 +13,13 @@ import argparse
 import json
 import os
 import platform
-import subprocess
 import sys
 import time
 from pathlib import Path
 
 import torch
+
+from provenance import git_state
 
 
 REPO = Path(__file__).resolve().parent.parent
@@ -40,15 +41,6 @@ SETTINGS = [
     (MC_TASK, "mc_num=8, no chat template", "mc_num=8,check_greedy=False", None, 8, False),
 ]
 METRICS = {GEN_TASK: "exact_match", MC_TASK: "acc"}
-
-
-def git_commit() -> str | None:
-    try:
-        return subprocess.run(
-            ["git", "rev-parse", "HEAD"], cwd=REPO, capture_output=True, text=True, check=True
-        ).stdout.strip()
-    except (OSError, subprocess.CalledProcessError):
-        return None
 
 
 def main(argv=None) -> int:
@@ -115,7 +107,7 @@ def main(argv=None) -> int:
     report = {
         "benchmark": "eval_tiny",
         "command": "python benchmarks/eval_tiny.py " + " ".join(argv if argv is not None else sys.argv[1:]),
-        "git_commit": git_commit(),
+        "git": git_state(),
         "machine": {
             "platform": platform.platform(),
             "processor": platform.processor() or platform.machine(),

@@ -6,13 +6,16 @@ CPU (issue 2's mid-size config: 64 experts, top-8):
 GPU, the real layer shape (hidden 2048, 64 experts of width 1024, top-8, 16 heads):
     python benchmarks/forward.py --device cuda --real-shape
 
-Prints a table and writes JSON (machine, versions, shapes, dtype, timings, ratios) to --json.
+Prints a table and writes JSON (machine, versions, git commit, shapes, dtype, timings, ratios) to --json (default
+forward_{device}.json in the current directory; the committed results are replaced only when named).
 """
 
 import argparse
 import json
+import os
 import platform
 import statistics
+import sys
 import time
 
 import torch
@@ -20,6 +23,7 @@ import transformers
 from transformers import OlmoeConfig, OlmoeForCausalLM
 
 from llada_moe_hf import LLaDAMoEConfig, LLaDAMoEForDiffusionLM
+from provenance import git_state
 
 
 def shapes(real: bool, layers: int | None) -> dict:
@@ -98,7 +102,7 @@ def main(argv=None):
     parser.add_argument("--tokens", type=int, nargs="+", default=[64, 256, 512])
     parser.add_argument("--dtype", default=None, help="float32 on CPU, bfloat16 on GPU by default")
     parser.add_argument("--reps", type=int, default=None)
-    parser.add_argument("--json", default="benchmarks/results/forward_{device}.json")
+    parser.add_argument("--json", default="forward_{device}.json", help="output file (default: %(default)s)")
     args = parser.parse_args(argv)
 
     dtype = getattr(torch, args.dtype or ("bfloat16" if args.device == "cuda" else "float32"))
@@ -140,6 +144,8 @@ def main(argv=None):
 
     result = {
         "benchmark": "forward",
+        "command": " ".join(["python", "benchmarks/forward.py", *(argv if argv is not None else sys.argv[1:])]),
+        "git": git_state(),
         "machine": machine(args.device),
         "device": args.device,
         "dtype": str(dtype).replace("torch.", ""),
@@ -164,8 +170,6 @@ def main(argv=None):
         )
     print("ratio = LLaDA-MoE time / OLMoE time (below 1.10 meets the 'within 10%' target)")
     path = args.json.format(device=args.device)
-    import os
-
     os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
     with open(path, "w") as f:
         json.dump(result, f, indent=2)

@@ -32,7 +32,6 @@ import json
 import os
 import platform
 import statistics
-import subprocess
 import time
 
 import torch
@@ -40,6 +39,7 @@ import transformers
 
 import llada_moe_hf
 from llada_moe_hf import LLaDAMoEConfig, LLaDAMoEForDiffusionLM
+from provenance import git_state
 
 
 H100_FLOOR_MS = 4.7  # one batch-1 forward of the real shape streams 14.07 GB of weights at 3.0 TB/s
@@ -52,17 +52,6 @@ MODES = {
     "threshold+dual": dict(cache_mode="dual", threshold=0.9),
 }
 IMPLEMENTATIONS = {"eager": {}, "static": dict(cache_implementation="static")}
-
-
-def git_commit() -> dict:
-    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-    try:
-        commit = subprocess.run(["git", "rev-parse", "HEAD"], cwd=root, capture_output=True, text=True).stdout.strip()
-        dirty = bool(subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=root,
-                                    capture_output=True, text=True).stdout.strip())
-    except OSError:
-        return {"commit": None, "dirty": None}
-    return {"commit": commit or None, "dirty": dirty}
 
 
 def model_config(args) -> LLaDAMoEConfig:
@@ -294,7 +283,7 @@ def main(argv=None):
     report = {
         "benchmark": "generate",
         "command": "python benchmarks/generate.py " + " ".join(argv if argv is not None else os.sys.argv[1:]),
-        "git": git_commit(),
+        "git": git_state(),
         "machine": machine_info(args.device),
         "versions": {
             "python": platform.python_version(), "torch": torch.__version__, "transformers": transformers.__version__,

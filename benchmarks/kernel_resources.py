@@ -33,6 +33,7 @@ from triton.compiler import ASTSource  # noqa: E402
 
 from llada_moe_hf import fused_moe_llada_moe as fused  # noqa: E402
 from llada_moe_hf.fused_moe_configs_llada_moe import FUSED_MOE_CONFIGS  # noqa: E402
+from provenance import git_state  # noqa: E402
 
 
 # Compute capability -> (name, shared memory per block an opt-in kernel may use, bytes).
@@ -196,6 +197,7 @@ def main():
 
     results = {
         "command": " ".join([os.path.basename(sys.executable)] + sys.argv),
+        "git": git_state(),
         "environment": {
             "python": platform.python_version(), "triton": triton.__version__, "platform": platform.platform(),
             "note": "compiled ahead of time with Triton's bundled ptxas; no GPU involved",

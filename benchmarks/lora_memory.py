@@ -24,6 +24,7 @@ import transformers
 
 from llada_moe_hf import LLaDAMoEConfig, LLaDAMoEForDiffusionLM
 from llada_moe_hf.lora import default_lora_config, get_lora_model
+from provenance import git_state
 
 
 GB = 1e9
@@ -135,6 +136,7 @@ def main():
 
     results = {
         "command": " ".join([os.path.basename(sys.executable)] + sys.argv),
+        "git": git_state(),
         "environment": {
             "python": platform.python_version(), "torch": torch.__version__, "transformers": transformers.__version__,
             "peft": peft.__version__, "platform": platform.platform(),

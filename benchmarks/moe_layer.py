@@ -36,6 +36,7 @@ import transformers  # noqa: E402
 from llada_moe_hf import LLaDAMoEConfig, LLaDAMoEForDiffusionLM  # noqa: E402
 from llada_moe_hf import fused_moe_llada_moe as fused  # noqa: E402
 from llada_moe_hf.modeling_llada_moe import LLaDAMoEExperts  # noqa: E402
+from provenance import git_state  # noqa: E402
 
 
 try:
@@ -434,7 +435,8 @@ def main():
     device = torch.device("cpu" if args.smoke else "cuda")
     dims = {"E": 8, "k": 2, "H": 64, "I": 32} if args.smoke else {"E": 64, "k": 8, "H": 2048, "I": 1024}
     tokens = [4, 16] if args.smoke else args.tokens
-    results = {"command": " ".join([os.path.basename(sys.executable)] + sys.argv), "environment": environment(device)}
+    results = {"command": " ".join([os.path.basename(sys.executable)] + sys.argv), "git": git_state()}
+    results["environment"] = environment(device)
     results["shape"] = {**dims, "dtype": "bfloat16 (timings)"}
     print(json.dumps(results["environment"]), flush=True)
 

@@ -1,7 +1,7 @@
 # Copyright 2026 The llada-moe-hf authors. Licensed under the Apache License, Version 2.0.
 """LoRA SFT of LLaDA-MoE with transformers.Trainer and PEFT (experts included), on a jsonl of prompt/response.
 
-    # CPU, tiny model, bundled data (under two minutes):
+    # CPU, the embedded tiny model, bundled data (about a minute): teaches it a new task
     python examples/finetune_lora.py --output-dir /tmp/lora-tiny
 
     # GPU, the 7B (bf16 base, LoRA on attention + experts, gradient checkpointing):
@@ -15,9 +15,13 @@ the response (with its end-of-turn, EOS and EOS padding) is masked, one ratio t 
 1/t and normalised by the answer length. The Trainer writes checkpoints to OUTPUT_DIR/checkpoint-N; the final
 adapter goes to OUTPUT_DIR/adapter (load it with PeftModel.from_pretrained(base, OUTPUT_DIR/"adapter")).
 
-Without --model, the script uses the package's embedded tiny model (llada_moe_hf/assets/tiny) if present, else
-it builds a TINY RANDOM model and a word-level tokenizer in OUTPUT_DIR/tiny-random-base: that run only shows the pipeline
-works (the loss goes down), it does not make a useful model.
+Without --model, the script uses the package's embedded tiny model (llada_moe_hf/assets/tiny), which knows
+"sort 3 1 4 1 5" -> "1 1 3 4 5" and "reverse 3 1 4 1 5" -> "5 1 4 1 3". The bundled data
+(examples/data/sft_tiny.jsonl, made by examples/tiny_tasks.py) teaches it a new task, "AI 3 1 4 1 5" -> "1" (the
+smallest digit), mixed with examples of the tasks it knows; the script prints held-out accuracy on the known and
+the new task before and after training (--eval-questions). If the embedded model is not installed, it builds a
+TINY RANDOM model and a word-level tokenizer in OUTPUT_DIR/tiny-random-base: that run only shows the pipeline
+works, it does not make a useful model.
 """
 
 import argparse
@@ -38,6 +42,7 @@ from llada_moe_hf.training_llada_moe import LLaDAMoEDataCollator, tokenize_sft_e
 
 
 HERE = Path(__file__).parent
+sys.path.insert(0, str(HERE))  # tiny_tasks.py, build_tiny_tokenizer.py
 DEFAULT_DATA = HERE / "data" / "sft_tiny.jsonl"
 
 
@@ -47,11 +52,11 @@ def parse_args(argv=None):
     parser.add_argument("--data", default=str(DEFAULT_DATA), help="jsonl with prompt/response (default: %(default)s)")
     parser.add_argument("--output-dir", required=True, help="checkpoints and the final adapter go here")
     parser.add_argument("--overwrite-output-dir", action="store_true", help="allow a non-empty output dir")
-    parser.add_argument("--epochs", type=float, default=3.0)
+    parser.add_argument("--epochs", type=float, default=None, help="default: 4 for the tiny model, 3 otherwise")
     parser.add_argument("--max-steps", type=int, default=-1, help="stop after this many optimizer steps (-1: epochs)")
-    parser.add_argument("--batch-size", type=int, default=8)
+    parser.add_argument("--batch-size", type=int, default=16)
     parser.add_argument("--grad-accum", type=int, default=1)
-    parser.add_argument("--lr", type=float, default=None, help="default: 2e-2 for the tiny model, 1e-4 otherwise")
+    parser.add_argument("--lr", type=float, default=None, help="default: 1e-3 for the tiny model, 1e-4 otherwise")
     parser.add_argument("--max-length", type=int, default=None, help="truncate responses beyond this many tokens")
     parser.add_argument("--r", type=int, default=16, help="LoRA rank (per expert on the expert targets)")
     parser.add_argument("--lora-alpha", type=int, default=32)
@@ -60,7 +65,10 @@ def parse_args(argv=None):
     parser.add_argument("--experts-implementation", default=None, help="eager, grouped_mm or fused_moe (CUDA)")
     parser.add_argument("--dtype", choices=["auto", "bfloat16", "float32"], default="auto",
                         help="base weights dtype; auto = bfloat16 on a bf16-capable GPU, else float32")
-    parser.add_argument("--save-steps", type=int, default=20)
+    parser.add_argument("--save-steps", type=int, default=100)
+    parser.add_argument("--eval-questions", type=int, default=None,
+                        help="held-out questions per task for the tiny tasks' accuracy before and after training "
+                        "(default: 128 for the tiny model, 0 = off otherwise)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--trust-remote-code", action="store_true",
                         help="load --model as custom code instead of with this package")
@@ -88,7 +96,8 @@ def read_jsonl(path: Path) -> list[dict]:
 
 def load_model_and_tokenizer(args, dtype):
     if args.model:
-        tokenizer = AutoTokenizer.from_pretrained(args.model, trust_remote_code=args.trust_remote_code)
+        # No tokenizer code: the release's config.json has an auto_map, which would prompt for remote code.
+        tokenizer = AutoTokenizer.from_pretrained(args.model, trust_remote_code=False)
         kwargs = dict(dtype=dtype, experts_implementation=args.experts_implementation)
         if args.trust_remote_code:
             model = AutoModel.from_pretrained(args.model, trust_remote_code=True, **kwargs)
@@ -100,7 +109,7 @@ def load_model_and_tokenizer(args, dtype):
 
     if (TINY_ASSET_DIR / "config.json").is_file():
         print(f"[tiny] using the package's embedded tiny model: {TINY_ASSET_DIR}")
-        tokenizer = AutoTokenizer.from_pretrained(TINY_ASSET_DIR)
+        tokenizer = AutoTokenizer.from_pretrained(TINY_ASSET_DIR, trust_remote_code=False)
         model = LLaDAMoEForDiffusionLM.from_pretrained(TINY_ASSET_DIR, dtype=dtype)
         return model, tokenizer, str(TINY_ASSET_DIR)
     return build_tiny_random(args, dtype, Path(args.output_dir) / "tiny-random-base")
@@ -108,7 +117,6 @@ def load_model_and_tokenizer(args, dtype):
 
 def build_tiny_random(args, dtype, folder: Path):
     """A TINY RANDOM LLaDA-MoE + word-level tokenizer (only to show the pipeline; not a useful model)."""
-    sys.path.insert(0, str(HERE))
     from build_tiny_tokenizer import build_tokenizer
 
     tokenizer = build_tokenizer()
@@ -150,48 +158,46 @@ def pick_dtype(name):
 
 @torch.no_grad()
 def eval_loss(model, batches):
+    was_training = model.training
     model.eval()
     device = next(model.parameters()).device
     losses = [model(**{k: v.to(device) for k, v in batch.items()}).loss.item() for batch in batches]
-    model.train()
+    model.train(was_training)
     return sum(losses) / len(losses)
 
 
-def main(argv=None):
-    args = parse_args(argv)
-    output_dir = Path(args.output_dir)
-    check_output_dir(output_dir, args.overwrite_output_dir)
+def task_accuracies(model, tokenizer, count):
+    """Held-out accuracy on the tiny model's known tasks and on the new task of the bundled data ({} if count=0)."""
+    if not count:
+        return {}
+    from tiny_tasks import NEW_TASK, OLD_TASKS, accuracy, held_out_questions
+
+    return {
+        f"known tasks ({', '.join(OLD_TASKS)})": accuracy(model, tokenizer, held_out_questions(OLD_TASKS, count)),
+        f"new task ({NEW_TASK} DIGITS -> the smallest digit)": accuracy(
+            model, tokenizer, held_out_questions([NEW_TASK], count)
+        ),
+    }
+
+
+def build_features(args, tokenizer):
     rows = read_jsonl(Path(args.data))
-    dtype = pick_dtype(args.dtype)
-    model, tokenizer, base_name = load_model_and_tokenizer(args, dtype)
-    tiny = args.model is None
-    lr = args.lr if args.lr is not None else (2e-2 if tiny else 1e-4)
-
     template = chat_template_for(tokenizer)
-    features = [tokenize_sft_example(tokenizer, r["prompt"], r["response"], args.max_length, template) for r in rows]
-    config = model.config
-    mask_id = config.mask_token_id if config.mask_token_id is not None else tokenizer.mask_token_id
-    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
-    collator = LLaDAMoEDataCollator(mask_token_id=mask_id, pad_token_id=pad_id, mode="sft", max_length=args.max_length)
-    # A fixed noised batch set (its own seed) to report the loss before and after training.
-    eval_collator = LLaDAMoEDataCollator(mask_token_id=mask_id, pad_token_id=pad_id, max_length=args.max_length, seed=1234)
-    eval_batches = [eval_collator(features[i : i + args.batch_size]) for i in range(0, min(len(features), 64), args.batch_size)]
+    return [tokenize_sft_example(tokenizer, r["prompt"], r["response"], args.max_length, template) for r in rows]
 
-    lora_config = default_lora_config(model, r=args.r, lora_alpha=args.lora_alpha, experts=not args.no_experts)
-    model = get_lora_model(model, lora_config)
-    model.print_trainable_parameters()
 
+def build_trainer(args, model, features, collator, output_dir, tiny, dtype):
     training_args = TrainingArguments(
         output_dir=str(output_dir),
-        num_train_epochs=args.epochs,
+        num_train_epochs=args.epochs if args.epochs is not None else (4.0 if tiny else 3.0),
         max_steps=args.max_steps,
         per_device_train_batch_size=args.batch_size,
         gradient_accumulation_steps=args.grad_accum,
-        learning_rate=lr,
+        learning_rate=args.lr if args.lr is not None else (1e-3 if tiny else 1e-4),
         lr_scheduler_type="cosine",
-        warmup_steps=2 if tiny else 20,
+        warmup_steps=5 if tiny else 20,
         weight_decay=0.0,
-        logging_steps=5,
+        logging_steps=20,
         save_strategy="steps",
         save_steps=args.save_steps,
         save_total_limit=2,
@@ -204,26 +210,71 @@ def main(argv=None):
         # only when asked: the argument is deprecated (renamed) in recent transformers
         **({"gradient_checkpointing": True} if args.gradient_checkpointing else {}),
     )
-    trainer = Trainer(model=model, args=training_args, train_dataset=features, data_collator=collator)
+    return Trainer(model=model, args=training_args, train_dataset=features, data_collator=collator)
 
-    before = eval_loss(model, eval_batches)
-    start = time.perf_counter()
-    trainer.train()
-    elapsed = time.perf_counter() - start
-    after = eval_loss(model, eval_batches)
 
+def save_adapter(model, output_dir: Path) -> Path:
+    """Write the adapter beside its destination, then move it into place."""
     final = output_dir / "adapter"
     staging = Path(tempfile.mkdtemp(prefix=".adapter.", dir=output_dir))
     model.save_pretrained(staging)
     if final.exists():
         shutil.rmtree(final)
     staging.rename(final)
+    return final
+
+
+def print_summary(base_name, loss, accuracy, count):
     print(f"base model: {base_name}")
-    print(f"masked-diffusion loss on a fixed noised batch: before {before:.4f}, after {after:.4f}")
+    print(f"masked-diffusion loss on a fixed noised batch: before {loss['before']:.4f}, after {loss['after']:.4f}")
+    if accuracy["before"]:
+        print(f"held-out accuracy ({count} questions each, never trained on): before -> after")
+        for name, before in accuracy["before"].items():
+            print(f"  {name:<48} {100 * before:5.1f}% -> {100 * accuracy['after'][name]:5.1f}%")
+
+
+def main(argv=None):
+    args = parse_args(argv)
+    output_dir = Path(args.output_dir)
+    check_output_dir(output_dir, args.overwrite_output_dir)
+    dtype = pick_dtype(args.dtype)
+    model, tokenizer, base_name = load_model_and_tokenizer(args, dtype)
+    tiny = args.model is None
+    eval_questions = args.eval_questions if args.eval_questions is not None else (128 if tiny else 0)
+
+    features = build_features(args, tokenizer)
+    config = model.config
+    mask_id = config.mask_token_id if config.mask_token_id is not None else tokenizer.mask_token_id
+    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    collator = LLaDAMoEDataCollator(mask_token_id=mask_id, pad_token_id=pad_id, mode="sft", max_length=args.max_length)
+    # A fixed noised batch set (its own seed) to report the loss before and after training.
+    eval_collator = LLaDAMoEDataCollator(
+        mask_token_id=mask_id, pad_token_id=pad_id, max_length=args.max_length, seed=1234
+    )
+    eval_features = features[:64]
+    eval_batches = [
+        eval_collator(eval_features[i : i + args.batch_size]) for i in range(0, len(eval_features), args.batch_size)
+    ]
+
+    lora_config = default_lora_config(model, r=args.r, lora_alpha=args.lora_alpha, experts=not args.no_experts)
+    model = get_lora_model(model, lora_config)
+    model.print_trainable_parameters()
+    trainer = build_trainer(args, model, features, collator, output_dir, tiny, dtype)
+
+    loss = {"before": eval_loss(model, eval_batches)}
+    accuracy = {"before": task_accuracies(model, tokenizer, eval_questions)}
+    start = time.perf_counter()
+    trainer.train()
+    elapsed = time.perf_counter() - start
+    loss["after"] = eval_loss(model, eval_batches)
+    accuracy["after"] = task_accuracies(model, tokenizer, eval_questions)
+
+    final = save_adapter(model, output_dir)
+    print_summary(base_name, loss, accuracy, eval_questions)
     print(f"trained {trainer.state.global_step} steps in {elapsed:.1f} s; adapter saved to {final}")
-    if not math.isfinite(after):
+    if not math.isfinite(loss["after"]):
         raise SystemExit("the loss is not finite after training.")
-    return before, after
+    return {"loss": loss, "accuracy": accuracy, "steps": trainer.state.global_step, "train_seconds": elapsed}
 
 
 if __name__ == "__main__":

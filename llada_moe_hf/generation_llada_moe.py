@@ -652,21 +652,16 @@ class DiffusionGenerationMixin:
         device = input_ids.device
         batch_size = input_ids.shape[0]
         canvas, plan, trim = self._initial_canvas(input_ids, attention_mask, plan, config, static)
-        x = canvas["x"]
+        cache_rows = 0 if config.cache_mode == "none" else canvas["x"].shape[0] * (2 if config.cfg_scale > 0 else 1)
+        buffers = self._state_buffers(canvas["x"].shape, cache_rows, device, static)
+        x = canvas["x"] = buffers["x"].copy_(canvas["x"])
+        counters, cache = buffers["counters"], buffers["cache"]
+        for counter in counters.values():
+            counter.zero_()
         pieces = self._step_functions(config, device)
-        cache = None
-        if config.cache_mode != "none":
-            cache = self._allocate_block_cache(x.shape[0] * (2 if config.cfg_scale > 0 else 1), x.shape[1], static)
         random = None
         if config.temperature > 0 or config.remasking == "random":
             random = StepRandom(generator, device, self.config.vocab_size)
-        counters = {
-            "committed": torch.zeros(batch_size, dtype=torch.long, device=device),
-            "active_steps": torch.zeros((), dtype=torch.long, device=device),
-        }
-        if static:
-            for tensor in (x, *counters.values()):
-                torch._dynamo.mark_static_address(tensor)
         settings = StepSettings(
             decoder=plan.decoder,
             mask_id=plan.mask_id,
@@ -733,7 +728,7 @@ class DiffusionGenerationMixin:
             streamer.end()
         sequences = x[:, trim:]
         if static:
-            sequences = sequences.clone()  # the canvas is a static buffer of this call; hand out a plain tensor
+            sequences = sequences.clone()  # the canvas is kept for the next call; hand out a tensor of its own
         if not config.return_dict_in_generate:
             return sequences
         # Fixed schedule: every step counts (as in the reference). Threshold: only steps that had a mask to commit,
@@ -781,6 +776,29 @@ class DiffusionGenerationMixin:
             canvas["attention_mask"] = None if full_mask is None else torch.cat([full_mask, full_mask])
             canvas["position_ids"] = torch.cat([position_ids, position_ids])
         return canvas, plan, trim
+
+    def _state_buffers(self, shape, cache_rows, device, static) -> dict:
+        """The tensors a call writes in place: the canvas, the counters and the KV cache. The static path keeps the
+        last call's buffers on the model and reuses them when the shapes match, so that compiled graphs (and CUDA
+        graphs, which are recorded against fixed addresses) see the same tensors call after call."""
+        key = (tuple(shape), cache_rows, str(device), self.dtype)
+        kept = self.__dict__.get("_diffusion_static_buffers")
+        if static and kept is not None and kept["key"] == key:
+            return kept
+        buffers = {
+            "key": key,
+            "x": torch.empty(shape, dtype=torch.long, device=device),
+            "counters": {
+                "committed": torch.zeros(shape[0], dtype=torch.long, device=device),
+                "active_steps": torch.zeros((), dtype=torch.long, device=device),
+            },
+            "cache": self._allocate_block_cache(cache_rows, shape[1], static) if cache_rows else None,
+        }
+        if static:
+            for tensor in (buffers["x"], *buffers["counters"].values()):
+                torch._dynamo.mark_static_address(tensor)
+            self.__dict__["_diffusion_static_buffers"] = buffers
+        return buffers
 
     def _allocate_block_cache(self, batch_size, length, static):
         config = self.config
@@ -895,6 +913,14 @@ class DiffusionGenerationMixin:
         plain = {"full": self._step_logits, "window": self._step_logits, "decode": self._step_decode}
         if config.cache_implementation != "static" or config.disable_compile:
             return plain
+        experts = getattr(self.config, "_experts_implementation", None)
+        if experts == "eager":
+            raise ValueError(
+                "cache_implementation='static' compiles the denoising step, and the eager experts loop over the "
+                "experts a batch hits (a loop that depends on the data, which cannot be compiled). Use "
+                "experts_implementation='grouped_mm' (the default) or 'fused_moe' (model.set_experts_implementation"
+                "(...)), or pass disable_compile=True."
+            )
         compiled = self.__dict__.setdefault("_compiled_diffusion_steps", {})
         mode = "reduce-overhead" if device.type == "cuda" else None
         if mode not in compiled:

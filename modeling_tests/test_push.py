@@ -23,7 +23,7 @@ def snapshot(folder):
 def pushed(tmp_path_factory):
     """Convert and push in one command; the hub records what arrived."""
     src = tmp_path_factory.mktemp("src") / "tiny"
-    shutil.copytree(FIXTURE_DIR, src, ignore=shutil.ignore_patterns("golden.*"))
+    shutil.copytree(FIXTURE_DIR, src, ignore=shutil.ignore_patterns("golden*"))
     dst = tmp_path_factory.mktemp("out") / "tiny-hub"
     with fake_hub(token=TOKEN) as hub:
         code = main([str(src), str(dst), "--push-to-hub", "me/tiny", "--private", "--token", TOKEN,

@@ -157,10 +157,9 @@ COMPILED_MODES = {
     "dual": dict(steps=8, cache_mode="dual", stop_at_eos=False),
     "prefix": dict(steps=8, cache_mode="prefix", stop_at_eos=False),
     "threshold + dual": dict(threshold=0.003, cache_mode="dual"),
-    "cfg": dict(steps=8, cfg_scale=1.0, stop_at_eos=False),
     "temperature, top-k, top-p": dict(steps=16, temperature=0.9, top_k=20, top_p=0.9, seed=3),
     "random remasking": dict(steps=8, remasking="random", seed=2),
-}
+}  # guidance is compiled by the gen2 golden case above
 
 
 @pytest.mark.parametrize("mode", list(COMPILED_MODES))
@@ -353,6 +352,9 @@ def test_static_settings_are_generation_config_fields(tiny, tmp_path, padded_bat
             model.generate(**padded_batch, **kwargs, **bad)
     with pytest.raises(ValueError, match="decoder='threshold' needs a `threshold`"):
         model.generate(**padded_batch, **tiny_kwargs(tokenizer), decoder="threshold")
+    eager_experts = LLaDAMoEForDiffusionLM.from_pretrained(FIXTURE_DIR, experts_implementation="eager")
+    with pytest.raises(ValueError, match="experts_implementation='grouped_mm'"):
+        eager_experts.generate(torch.tensor([[1, 2, 3]]), mask_token_id=MASK, cache_implementation="static")
 
 
 def test_static_path_streams(tiny):
@@ -380,3 +382,20 @@ def test_static_path_streams(tiny):
     assert torch.equal(streamer.events[0][1], prompt)
     confirmed = torch.cat([v.reshape(-1) for kind, v in streamer.events[1:] if kind == "put"])
     assert torch.equal(confirmed, out[0, prompt.shape[1]:])
+
+
+def test_static_buffers_are_reused_and_never_handed_out(tiny, padded_batch):
+    """CUDA graphs are recorded against fixed addresses: the canvas, counters and KV cache of the static path stay
+    the same tensors from call to call (same shapes), and what generate returns does not alias them."""
+    model, tokenizer = tiny
+    kwargs = tiny_kwargs(tokenizer, steps=8, cache_mode="dual", cache_implementation="static", disable_compile=True)
+    first = model.generate(**padded_batch, **kwargs)
+    buffers = model._diffusion_static_buffers
+    pointers = [buffers["x"].data_ptr(), buffers["cache"].keys[0].data_ptr(), buffers["counters"]["committed"].data_ptr()]
+    second = model.generate(**padded_batch, **kwargs)
+    buffers = model._diffusion_static_buffers
+    assert pointers == [buffers["x"].data_ptr(), buffers["cache"].keys[0].data_ptr(),
+                        buffers["counters"]["committed"].data_ptr()]
+    assert_same_generation(first, second)
+    buffers["x"].fill_(0)
+    assert not (second.sequences == 0).all()

@@ -1,0 +1,287 @@
+"""The README's measured figures are the benchmark JSON files' numbers, and every result says which code it measured.
+
+Tables are compared cell by cell with the JSON values formatted at the README's precision; prose figures are
+rebuilt from the JSON and must appear verbatim. A re-measured JSON therefore fails this test until the README is
+updated with it, and a README edit that drifts from its JSON fails too.
+"""
+
+import json
+import math
+import os
+import re
+import subprocess
+import sys
+
+import pytest
+
+from conftest import REPO_ROOT
+
+
+RESULTS = REPO_ROOT / "benchmarks" / "results"
+README = (REPO_ROOT / "README.md").read_text(encoding="utf-8")
+
+
+def result(name):
+    return json.loads((RESULTS / name).read_text())
+
+
+def table_after(marker: str) -> list[list[str]]:
+    """Rows (cells stripped, header and separator dropped) of the first markdown table after `marker`."""
+    start = README.index(marker)
+    lines = README[start:].splitlines()
+    first = next(i for i, line in enumerate(lines) if line.startswith("|"))
+    rows = []
+    for line in lines[first:]:
+        if not line.startswith("|"):
+            break
+        rows.append([cell.strip() for cell in line.strip().strip("|").split("|")])
+    assert len(rows) > 2 and set(rows[1][0]) <= set("-: "), f"no table after {marker!r}"
+    return rows[2:]
+
+
+def assert_table(marker, expected_rows):
+    assert table_after(marker) == expected_rows
+
+
+def in_readme(text: str):
+    assert text in README, f"README does not say {text!r} (from the JSON)"
+
+
+def pct(x):
+    return f"{100 * x:.0f}"
+
+
+def upper_bound(x):
+    """x rounded up to two significant digits, as the README writes a "≤" bound (1.44e-06 -> "1.5e-6")."""
+    exponent = math.floor(math.log10(x))
+    return f"{math.ceil(x / 10 ** (exponent - 1) - 1e-9) / 10:.1f}e{exponent}"
+
+
+# ----------------------------------------------------------------------------------------------- generation
+
+
+def test_generate_cpu_table_and_figures():
+    data = result("generate_cpu.json")
+    rows = [
+        [mode, f"{r['tokens_per_s']:.1f}", str(r["forward_passes"]), f"{r['tokens_per_forward']:.2f}",
+         f"{r['ms_per_step']:.1f}", f"{r['speedup_vs_exact']:.2f}x", f"{r['fraction_tokens_equal_to_exact']:.2f}"]
+        for mode, r in data["results"].items()
+    ]  # fmt: skip
+    assert_table("`benchmarks/results/generate_cpu.json`):", rows)
+    in_readme(f"median of {data['repeats']} round-robin runs")
+    positions = data["shapes"]["prompt_length"] + data["shapes"]["gen_length"]
+    equal = round(data["results"]["prefix-cache"]["fraction_tokens_equal_to_exact"] * positions)
+    in_readme(f"({equal}/{positions}) means that {positions - equal}\nof the {data['shapes']['gen_length']} generated")
+
+
+def test_generate_cuda_table_and_figures():
+    data = result("generate_cuda_h100.json")
+    rows = [
+        [mode, f"{r['tokens_per_s']:.1f}", str(r["forward_passes"]), f"{r['tokens_per_forward']:.2f}",
+         f"{r['ms_per_step']:.2f}", f"{r['speedup_vs_exact']:.2f}x", f"{r['fraction_tokens_equal_to_exact']:.2f}",
+         f"{r['ms_per_step_over_h100_floor']:.2f}x"]
+        for mode, r in data["results"].items()
+    ]  # fmt: skip
+    assert_table("`benchmarks/results/generate_cuda_h100.{json,txt}`:", rows)
+    steps = [r["ms_per_step"] for r in data["results"].values()]
+    floors = [r["ms_per_step_over_h100_floor"] for r in data["results"].values()]
+    in_readme(
+        f"At {min(steps):.1f}–{max(steps):.1f} ms per step the sampler runs at {min(floors):.1f}–{max(floors):.1f}×"
+    )
+    forward = [row["median_ms"]["llada_grouped_mm"] for row in result("forward_cuda_h100.json")["rows"]]
+    full = [
+        row[key] for row in result("moe_layer_h100.json")["full_forward"] for key in ("grouped_mm_ms", "fused_moe_ms")
+    ]
+    in_readme(f"({min(forward):.0f}–{max(forward):.0f} ms with grouped_mm in the forward table below, "
+              f"{min(full):.0f}–{max(full):.0f} ms\nin the fused MoE benchmark's full forward)")  # fmt: skip
+
+
+# ----------------------------------------------------------------------------------------------- forward
+
+
+@pytest.mark.parametrize("name, marker", [
+    ("forward_cpu.json", "(`benchmarks/results/forward_cpu.json`):"),
+    ("forward_cuda_h100.json", "(`benchmarks/results/forward_cuda_h100.json`),"),
+])  # fmt: skip
+def test_forward_tables(name, marker):
+    data = result(name)
+    rows = []
+    for row in data["rows"]:
+        ms = row["median_ms"]
+        rows.append(
+            [str(row["tokens"])]
+            + [f"{ms[k]:.2f} ms" for k in ("llada_eager", "llada_grouped_mm", "olmoe_eager", "olmoe_grouped_mm")]
+            + [
+                f"{row[k]:.3f}"
+                for k in (
+                    "ratio_grouped_mm_vs_olmoe_grouped_mm",
+                    "ratio_eager_vs_olmoe_eager",
+                    "ratio_llada_best_vs_olmoe_best",
+                )
+            ]  # fmt: skip
+        )
+    assert_table(marker, rows)
+    runs = (
+        f"median of {data['reps']} interleaved runs" if data["device"] == "cpu" else f"{data['reps']} interleaved runs"
+    )
+    in_readme(runs)
+    if data["device"] == "cpu":
+        in_readme(f"python benchmarks/forward.py --reps {data['reps']}")
+    else:
+        in_readme(f"--layers {data['shapes']['layers']} --tokens {' '.join(str(r['tokens']) for r in data['rows'])}")
+
+
+# ----------------------------------------------------------------------------------------------- fused MoE
+
+
+def test_fused_moe_layer_table_and_figures():
+    data = result("moe_layer_h100.json")
+    layer = {row["tokens"]: row for row in data["layer"]}
+    rows = [
+        [str(t), f"{r['eager_fwd_ms']:.3g}", f"{r['grouped_mm_fwd_ms']:.3f}", f"{r['fused_moe_fwd_ms']:.3f}",
+         f"{r['fused_moe_graph_fwd_ms']:.3f}", f"{r['fwd_speedup_vs_grouped_mm']:.2f}×",
+         f"{pct(r['fused_moe_graph_frac_copy_bw'])}%",
+         f"{r['grouped_mm_fwdbwd_ms']:.2f} / {r['fused_moe_fwdbwd_ms']:.2f}"]
+        for t, r in layer.items()
+    ]  # fmt: skip
+    assert_table("`benchmarks/results/moe_layer_h100.json`):", rows)
+
+    acc = {(a["dtype"], a["impl"]): a for a in data["accuracy"]}
+    grads = ("grad_x", "grad_routing_weights", "grad_gate_up_proj", "grad_down_proj")
+    fused, gmm = acc["bfloat16", "fused_moe"], acc["bfloat16", "grouped_mm"]
+    assert f"{fused['out']:.1e}" == f"{gmm['out']:.1e}"
+    in_readme(
+        f"output {fused['out']:.1e} (grouped_mm the same), gradients\n"
+        f"{min(fused[g] for g in grads):.1e}–{max(fused[g] for g in grads):.1e} "
+        f"(grouped_mm {min(gmm[g] for g in grads):.1e}–{max(gmm[g] for g in grads):.1e}); "
+        f"fp16 ≤ {upper_bound(max(acc['float16', 'fused_moe'][k] for k in ('out', *grads)))}; "
+        f"fp32 ≤ {upper_bound(max(acc['float32', 'fused_moe'][k] for k in ('out', *grads)))}".replace("e-0", "e-")
+    )
+
+    full = {row["tokens"]: row for row in data["full_forward"]}
+    in_readme(f"**{full[64]['fused_moe_graph_ms']:.2f} ms at 64 tokens ({full[64]['fused_graph_over_floor']:.2f}× the\n"
+              f"{full[64]['floor_ms']:.2f} ms weight-streaming floor")  # fmt: skip
+    in_readme(
+        f"{full[256]['fused_moe_graph_ms']:.2f} ms at 256 ({full[256]['fused_graph_over_floor']:.2f}×), "
+        f"{full[1024]['fused_moe_graph_ms']:.2f} ms at 1024 ({full[1024]['fused_graph_over_floor']:.2f}×;"
+    )
+    gmm_ms = [r["grouped_mm_ms"] for r in full.values()]
+    fused_ms = [r["fused_moe_ms"] for r in full.values()]
+    in_readme(
+        f"Python-bound at {min(gmm_ms + fused_ms):.0f}–{max(gmm_ms + fused_ms):.0f} ms for both implementations "
+        f"(grouped_mm {min(gmm_ms):.1f}–{max(gmm_ms):.1f} ms, fused_moe {min(fused_ms):.1f}–{max(fused_ms):.1f} ms)"
+    )
+    in_readme(
+        f"reach {layer[2048]['fused_moe_fwd_TFLOPs']:.0f}–{layer[4096]['fused_moe_fwd_TFLOPs']:.0f} TFLOP/s "
+        "at 2,048–4,096 tokens"
+    )
+
+    in_readme(f"**not at 32 ({layer[32]['fwd_speedup_vs_grouped_mm']:.2f}×) and\n"
+              f"64 ({layer[64]['fwd_speedup_vs_grouped_mm']:.2f}×)**")  # fmt: skip
+    assert all(layer[t]["fwd_speedup_vs_grouped_mm"] >= 1.5 for t in (128, 256, 512))
+    in_readme("≥1.5× grouped_mm at 128, 256 and 512 tokens")
+    graph_3264 = [layer[t]["fused_moe_graph_fwd_ms"] for t in (32, 64)]
+    ratio_3264 = [layer[t]["grouped_mm_fwd_ms"] / layer[t]["fused_moe_graph_fwd_ms"] for t in (32, 64)]
+    assert f"{min(graph_3264):.2f}" == f"{max(graph_3264):.2f}"
+    in_readme(
+        f"fused_moe is {graph_3264[0]:.2f} ms at 32–64 tokens, {min(ratio_3264):.2f}–{max(ratio_3264):.2f}× "
+        "grouped_mm's"
+    )
+    up_to_512 = [r for t, r in layer.items() if t <= 512]
+    graph_bw = [r["fused_moe_graph_frac_copy_bw"] for r in up_to_512]
+    eager_bw = [r["fused_moe_fwd_frac_copy_bw"] for r in up_to_512 if r["tokens"] >= 16]
+    in_readme(
+        f"at {pct(min(graph_bw))}–{pct(max(graph_bw))}% of copy bandwidth from {up_to_512[0]['tokens']} to 512 tokens"
+    )
+    at_32, at_512 = (pct(layer[t]["fused_moe_fwd_frac_copy_bw"]) for t in (32, 512))
+    in_readme(f"launched eagerly, at {pct(min(eager_bw))}–{pct(max(eager_bw))}% ({at_32}% "
+              f"at 32 tokens, {pct(layer[512]['fused_moe_fwd_frac_copy_bw'])}% at 512)")  # fmt: skip
+    at_8 = [
+        result(n)["layer"][0]
+        for n in ("moe_layer_h100.json", "moe_layer_h100_tune.json", "moe_layer_h100_align3_spill.json")
+    ]
+    assert all(row["tokens"] == 8 for row in at_8)
+    ms = sorted(row["grouped_mm_fwd_ms"] for row in at_8)
+    in_readme(f"grouped_mm measured {ms[0]:.2f}, {ms[1]:.2f} and {ms[2]:.2f} ms at 8 tokens in the three kept runs")
+
+
+def test_kernel_build_figures():
+    new, old = result("kernel_resources.json"), result("kernel_resources_triton3.6.json")
+    assert new["environment"]["triton"].startswith("3.9") and old["environment"]["triton"].startswith("3.6")
+    assert not new["failures"] and not any(k.get("spill_bytes") for k in new["kernels"])
+    in_readme(f"With triton 3.9 all {len(new['kernels'])} build,\nnone spills, all fit")
+    spills = [int(re.search(r"(\d+) bytes spilled", f).group(1)) for f in old["failures"]]
+    assert len(spills) == len(old["failures"]) == 3 and all("gate_up kept" in f for f in old["failures"])
+    in_readme(
+        f"three training-path gate_up kernels at ≥1,024 tokens spill {min(spills)}–{max(spills)} bytes per thread"
+    )
+
+
+# ----------------------------------------------------------------------------------------------- provenance
+
+
+def test_every_result_names_the_code_it_measured():
+    """A result JSON carries `git.commit` (the scripts write it) or is listed with its commit in results/README.md."""
+    listing = (RESULTS / "README.md").read_text()
+    for path in sorted(RESULTS.glob("*.json")):
+        data = json.loads(path.read_text())
+        if isinstance(data.get("git"), dict) and data["git"].get("commit"):
+            continue
+        rows = [line for line in listing.splitlines() if line.startswith("|") and f"`{path.name}`" in line]
+        assert rows, f"{path.name} has no git commit and is not listed in benchmarks/results/README.md"
+        assert re.search(r"\| [0-9a-f]{7,40}\b", rows[0]), f"{path.name}: no commit in its results/README.md row"
+
+
+def test_every_benchmark_script_records_the_commit():
+    scripts = sorted((REPO_ROOT / "benchmarks").glob("*.py"))
+    writers = [p for p in scripts if "json.dump" in p.read_text()]
+    assert len(writers) >= 6, writers
+    for path in writers:
+        assert '"git": git_state()' in path.read_text(), f"{path.name} writes JSON without the git commit"
+
+
+def head_commit():
+    try:
+        return subprocess.run(
+            ["git", "rev-parse", "HEAD"], cwd=REPO_ROOT, capture_output=True, text=True, check=True
+        ).stdout.strip()
+    except (OSError, subprocess.CalledProcessError):
+        return None
+
+
+def run_script(args, tmp_path, timeout=300):
+    env = dict(os.environ, OMP_NUM_THREADS="1", HF_HUB_OFFLINE="1")
+    return subprocess.run(
+        [sys.executable, *args], cwd=tmp_path, env=env, capture_output=True, text=True, timeout=timeout
+    )
+
+
+@pytest.mark.slow
+def test_forward_benchmark_writes_its_commit_and_not_over_the_results(tmp_path):
+    committed = (RESULTS / "forward_cpu.json").read_bytes()
+    proc = run_script([str(REPO_ROOT / "benchmarks" / "forward.py"), "--tokens", "8", "--reps", "1", "--layers", "1"],
+                      tmp_path)  # fmt: skip
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    data = json.loads((tmp_path / "forward_cpu.json").read_text())  # the default path is in the working directory
+    assert data["git"]["commit"] == head_commit() and isinstance(data["git"]["dirty"], (bool, type(None)))
+    assert data["reps"] == 1 and "--reps 1" in data["command"]
+    assert (RESULTS / "forward_cpu.json").read_bytes() == committed
+
+
+@pytest.mark.slow
+def test_golden_check_script_runs_and_writes_json(tmp_path):
+    """benchmarks/cuda_golden.py is what a GPU session runs (gpu_commands.md); here it runs on the CPU."""
+    out = tmp_path / "golden.json"
+    proc = run_script(
+        [str(REPO_ROOT / "benchmarks" / "cuda_golden.py"), "--device", "cpu", "--out", str(out)], tmp_path
+    )
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-3000:]
+    data = json.loads(out.read_text())
+    assert data["git"]["commit"] == head_commit() and not data["failures"]
+    assert len(data["rows"]) == 4  # eager/sdpa x eager/grouped_mm (fused_moe runs on CUDA only)
+    for row in data["rows"]:
+        assert row["float32_max_abs_diff"] <= 1e-5 and all(case["token_exact"] for case in row["generation"].values())
+    # a wrong tolerance makes it fail with status 1 and say why
+    strict = ["--atol", "0", "--attn", "eager", "--experts", "eager", "--out", str(tmp_path / "strict.json")]
+    proc = run_script([str(REPO_ROOT / "benchmarks" / "cuda_golden.py"), "--device", "cpu", *strict], tmp_path)
+    assert proc.returncode == 1 and "float32 logits differ" in proc.stdout
