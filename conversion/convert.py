@@ -12,10 +12,10 @@ fresh process against the source's), and only then renamed into place.
 import argparse
 import json
 import logging
-import os
 import shutil
 import sys
 import tempfile
+import time
 import warnings
 from pathlib import Path
 
@@ -23,7 +23,17 @@ import torch
 
 
 # Absolute imports, so that `python conversion/convert.py` works as well as the installed module.
-from llada_moe_hf.conversion.hub import PushError, push_folder, resolve_source
+from llada_moe_hf.cli_common import (
+    EXIT_INTERRUPTED,
+    EXIT_TERMINATED,
+    Terminated,
+    add_runtime_arguments,
+    has_tokenizer,
+    resolve_device,
+    run_interruptible,
+)
+from llada_moe_hf.conversion.card import card_kind, default_base_model, write_card
+from llada_moe_hf.conversion.hub import PushError, push_folder, push_only_command, resolve_source
 from llada_moe_hf.conversion.layouts import (
     DTYPES,
     RELEASE_CODE_FILES,
@@ -33,6 +43,8 @@ from llada_moe_hf.conversion.layouts import (
     weight_files,
 )
 from llada_moe_hf.conversion.verify import (
+    CAST_MIN_TOP1_AGREEMENT,
+    CAST_RELATIVE_TOLERANCE,
     VerificationError,
     check_manifest,
     compare_logits,
@@ -43,6 +55,7 @@ from llada_moe_hf.conversion.verify import (
     tensor_checksums,
     write_manifest,
 )
+from llada_moe_hf.staging import StagingDir, clean_leftovers
 
 
 logger = logging.getLogger("llada_moe_hf.conversion")
@@ -52,27 +65,44 @@ ROLE_END = "<|role_end|>"
 RELEASE_MASK_TOKEN_ID = 156895
 RELEASE_EOS_TOKEN_ID = 156892
 # The original model card's sampler: 128 new tokens, 4 blocks of 32, one token per step, greedy, low-confidence
-# remasking. Keys are DiffusionGenerationConfig fields (the model card calls max_new_tokens gen_length).
+# remasking. Keys are DiffusionGenerationConfig fields (the model card calls max_new_tokens gen_length). Used only
+# for what the source's generation_config.json does not set.
 SAMPLER_DEFAULTS = dict(steps=128, max_new_tokens=128, block_length=32, temperature=0.0, cfg_scale=0.0,
                         remasking="low_confidence")
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "tokenizer.model",
                    "added_tokens.json", "vocab.json", "merges.txt", "chat_template.jinja", "chat_template.json")
-BASE_MODELS = {"base": "inclusionAI/LLaDA-MoE-7B-A1B-Base", "instruct": "inclusionAI/LLaDA-MoE-7B-A1B-Instruct"}
 
 
 class ConversionError(ValueError):
     """Bad arguments or an unusable destination."""
 
 
+class Progress:
+    """Timestamped progress lines on stderr (or through the logger when used as a library)."""
+
+    def __init__(self, echo: bool = True):
+        self.start, self.echo = time.perf_counter(), echo
+
+    def __call__(self, message: str):
+        if self.echo:
+            print(f"[{time.perf_counter() - self.start:6.1f} s] {message}", file=sys.stderr, flush=True)
+        else:
+            logger.info(message)
+
+
 # ----------------------------------------------------------------------------------------------- tokenizer
 
 
-def convert_tokenizer(tokenizer_dir: Path, out_dir: Path) -> dict:
+def convert_tokenizer(tokenizer_dir: Path, out_dir: Path, explicit: bool = False) -> dict:
     """Copy the tokenizer with `<|mask|>` declared as its mask token and a chat template set. Returns the ids
-    found ({"mask": ..., "role_end": ..., "eos": ...}); warns and returns {} when there is no tokenizer."""
-    if not any((tokenizer_dir / name).is_file() for name in TOKENIZER_FILES):
-        warnings.warn(f"{tokenizer_dir} has no tokenizer files: DST will have none. Copy the release's tokenizer "
-                      "into DST (or pass --tokenizer) before pushing.", stacklevel=2)
+    found ({"mask": ..., "role_end": ..., "eos": ...}); warns and returns {} when SRC has no tokenizer, and
+    refuses a --tokenizer (explicit) that has none."""
+    if not has_tokenizer(tokenizer_dir):
+        if explicit:
+            raise ConversionError(f"--tokenizer {tokenizer_dir} has no tokenizer (no tokenizer.json, tokenizer.model "
+                                  "or vocab.json): give the directory of the tokenizer to ship with DST.")
+        warnings.warn(f"{tokenizer_dir} has no tokenizer files: DST will have none. Pass --tokenizer DIR (e.g. a "
+                      "download of the release's tokenizer), or copy one into DST before pushing.", stacklevel=2)
         return {}
     from transformers import AutoTokenizer
 
@@ -83,7 +113,11 @@ def convert_tokenizer(tokenizer_dir: Path, out_dir: Path) -> dict:
         for name in TOKENIZER_FILES:
             if (tokenizer_dir / name).is_file():
                 shutil.copy2(tokenizer_dir / name, Path(alone) / name)
-        tokenizer = AutoTokenizer.from_pretrained(alone)
+        try:
+            tokenizer = AutoTokenizer.from_pretrained(alone)
+        except (OSError, ValueError) as err:
+            raise ConversionError(f"The tokenizer in {tokenizer_dir} does not load ({err}); pass --tokenizer DIR "
+                                  "with a working one.") from None
     ids = {"mask": single_token_id(tokenizer, MASK_TOKEN), "role_end": single_token_id(tokenizer, ROLE_END),
            "eos": tokenizer.eos_token_id}
     if ids["mask"] is None:
@@ -100,16 +134,50 @@ def convert_tokenizer(tokenizer_dir: Path, out_dir: Path) -> dict:
 # ----------------------------------------------------------------------------------------------- generation config
 
 
-def generation_settings(config, token_ids: dict, mask_token_id: int | None) -> dict:
-    mask = mask_token_id if mask_token_id is not None else token_ids.get("mask")
-    if mask is None:
-        mask = config.mask_token_id
-    eos = config.eos_token_id if config.eos_token_id is not None else RELEASE_EOS_TOKEN_ID
+def source_generation_config(src_dir: Path) -> tuple[dict, list[str]]:
+    """The DiffusionGenerationConfig fields set in SRC's generation_config.json, and the keys dropped (those of
+    autoregressive generation, which mean nothing to diffusion sampling)."""
+    from llada_moe_hf.generation_llada_moe import DiffusionGenerationConfig
+
+    path = src_dir / "generation_config.json"
+    if not path.is_file():
+        return {}, []
+    try:
+        stored = json.loads(path.read_text())
+    except json.JSONDecodeError as err:
+        raise ConversionError(f"{path} is not valid JSON ({err}).") from None
+    kept = {k: v for k, v in stored.items() if k in DiffusionGenerationConfig._FIELDS and v is not None}
+    dropped = sorted(k for k in stored if k not in kept and not k.startswith("_") and k != "transformers_version"
+                     and stored[k] is not None)
+    return kept, dropped
+
+
+def generation_settings(config, token_ids: dict, mask_token_id: int | None, stored: dict | None = None) -> dict:
+    """generation_config.json for DST: SRC's values kept, the missing ones filled (sampler settings consistent
+    with SRC's max_new_tokens, else the original model card's; ids from the tokenizer and config). The stop ids
+    are SRC's, with the tokenizer's eos and `<|role_end|>` added when missing. --mask-token-id wins."""
+    stored = dict(stored or {})
+    settings = dict(stored)
+    mask = mask_token_id if mask_token_id is not None else stored.get("mask_token_id", token_ids.get("mask"))
+    settings["mask_token_id"] = mask if mask is not None else config.mask_token_id
+    eos = stored.get("eos_token_id", config.eos_token_id if config.eos_token_id is not None else RELEASE_EOS_TOKEN_ID)
     eos_ids = list(eos) if isinstance(eos, (list, tuple)) else [eos]
     for extra in (token_ids.get("eos"), token_ids.get("role_end")):
         if extra is not None and extra not in eos_ids:
             eos_ids.append(extra)
-    return dict(mask_token_id=mask, eos_token_id=eos_ids, pad_token_id=config.pad_token_id, **SAMPLER_DEFAULTS)
+    settings["eos_token_id"] = eos_ids
+    settings.setdefault("pad_token_id", config.pad_token_id)
+    if "max_new_tokens" not in stored and "max_length" not in stored:
+        settings["max_new_tokens"] = SAMPLER_DEFAULTS["max_new_tokens"]
+    new_tokens = settings.get("max_new_tokens")
+    if new_tokens is not None:
+        default_block = SAMPLER_DEFAULTS["block_length"]
+        settings.setdefault("block_length", default_block if new_tokens % default_block == 0 else new_tokens)
+        settings.setdefault("steps", new_tokens)  # one token per step, as the original card
+    if not stored:  # written out for the card; generate() defaults to the same values when they are unset
+        for key in ("temperature", "cfg_scale", "remasking"):
+            settings.setdefault(key, SAMPLER_DEFAULTS[key])
+    return {k: v for k, v in settings.items() if v is not None}
 
 
 def write_generation_config(out_dir: Path, settings: dict):
@@ -123,48 +191,32 @@ def write_generation_config(out_dir: Path, settings: dict):
         raise VerificationError(f"generation_config.json does not load back as written: {wrong}.")
 
 
-# ----------------------------------------------------------------------------------------------- model card
-
-
-def card_kind(card: str, src: str) -> str:
-    """The card template: as asked, or "instruct" when SRC's name says so."""
-    if card != "auto":
-        return card
-    return "instruct" if "instruct" in src.lower() else "base"
-
-
-def write_card(out_dir: Path, kind: str, *, base_model: str, repo_id: str, source: str, layout: str, dtype: str,
-               fused: bool, settings: dict, token_ids: dict, verification: str):
-    from llada_moe_hf.model_cards import render_card
-
-    sampler = {k: settings[k] for k in SAMPLER_DEFAULTS}
-    text = render_card(
-        kind, base_model=base_model, repo_id=repo_id, source=source, dtype=dtype, sampler=sampler,
-        source_layout={"release": "the release's layout", "dinfer": "dInfer's fused layout",
-                       "llada_moe": "llada-moe-hf layout"}[layout],
-        expert_layout="experts fused (gate_up_proj, down_proj)" if fused else "experts stored per expert (the release's tensor names)",
-        mask_token_id=settings["mask_token_id"], eos_token_id=settings["eos_token_id"][0],
-        role_end_id=token_ids.get("role_end"), verification=verification,
-    )
-    (out_dir / "README.md").write_text(text)
-
-
 # ----------------------------------------------------------------------------------------------- conversion
 
 
-def check_destination(dst: Path, src_dir: Path, overwrite: bool):
+def check_destination(dst: Path, src_dir: Path, overwrite: bool, progress):
+    """Refuse an unusable DST; remove the staging directories that killed runs left beside it (and mention any
+    other leftover) before anything else, so that a failed run is never silent about them."""
     if dst.exists() and not dst.is_dir():
         raise ConversionError(f"DST {dst} exists and is not a directory.")
+    if not dst.parent.is_dir():
+        raise ConversionError(f"The parent directory of DST ({dst.parent}) does not exist.")
+    for entry in clean_leftovers(dst, progress):
+        writing = entry["info"].get("destination")
+        if entry["kind"] == "running" and writing and Path(writing).resolve() == dst.resolve():
+            raise ConversionError(
+                f"Another conversion (pid {entry['info'].get('pid')}) is writing {dst} right now (in "
+                f"{entry['path']}): wait for it to finish, or stop it first."
+            )
     if dst.exists() and not overwrite:
         raise ConversionError(
             f"DST {dst} already exists; nothing was written. Pass --overwrite to replace it (the old one is kept "
-            f"until the new one is verified), or push it as it is: llada-moe convert --push-only {dst} --push-to-hub REPO_ID"
+            f"until the new one is verified), or push it as it is: "
+            f"{push_only_command(dst, 'REPO_ID')}"
         )
     resolved = dst.resolve()
     if resolved == src_dir.resolve() or src_dir.resolve() in resolved.parents:
         raise ConversionError(f"DST {dst} must not be SRC or inside it.")
-    if not dst.parent.is_dir():
-        raise ConversionError(f"The parent directory of DST ({dst.parent}) does not exist.")
 
 
 def write_checkpoint(model, out_dir: Path, *, fused: bool, max_shard_size: str):
@@ -195,39 +247,66 @@ def rewrite_as_original(out_dir: Path, model, src_dir: Path, layout: str, source
             shutil.copy2(src_dir / name, out_dir / name)
 
 
+def sampler_origin(stored: dict, settings: dict) -> str:
+    sampler_keys = [k for k in ("max_new_tokens", "steps", "block_length") if k in settings]
+    filled = [k for k in sampler_keys if k not in stored]
+    if not stored:
+        return "the source had no generation_config.json: the original model card's settings"
+    if not filled:
+        return "kept from the source's generation_config.json"
+    return f"the source's generation_config.json, with {', '.join(filled)} filled in"
+
+
 def convert(src: str, dst: str, *, dtype: str = "auto", max_shard_size: str = "5GB", fused_experts: bool = False,
             to_original: bool = False, overwrite: bool = False, tokenizer: str | None = None,
             mask_token_id: int | None = None, card: str = "auto", base_model: str | None = None,
             repo_id: str | None = None, src_revision: str | None = None, token: str | None = None,
-            device: str = "cpu") -> Path:
+            device: str = "cpu", attn_implementation: str | None = None, experts_implementation: str | None = None,
+            max_cast_error: float = CAST_RELATIVE_TOLERANCE, min_cast_top1: float = CAST_MIN_TOP1_AGREEMENT,
+            progress=None) -> Path:
     """Convert SRC into DST (see the module docstring). Returns DST. Raises ConversionError / VerificationError;
-    on any failure no DST is created and an existing one is left as it was."""
+    on any failure (Ctrl-C and SIGTERM included) no DST is created and an existing one is left as it was.
+    `progress(message)` receives a line per step (default: the logger)."""
+    progress = progress or Progress(echo=False)
     if to_original and fused_experts:
         raise ConversionError("--to-original writes the release's per-expert tensors; it cannot be combined with --fused-experts.")
     if dtype != "auto" and dtype not in DTYPES:
         raise ConversionError(f"--dtype {dtype!r}: choose auto, {', '.join(DTYPES)}.")
-    dst_path = Path(dst).expanduser()
+    if tokenizer is not None and not Path(tokenizer).expanduser().is_dir():
+        raise ConversionError(f"--tokenizer {tokenizer}: no such directory (give a local tokenizer directory).")
+    dst_path = Path(dst).expanduser().absolute()  # absolute: the verification process runs in another directory
     src_dir, src_repo = resolve_source(src, revision=src_revision, token=token)
-    check_destination(dst_path, src_dir, overwrite)
+    check_destination(dst_path, src_dir, overwrite, progress)
     layout, source_config = detect_layout(src_dir)
+    device = resolve_device(device)
+    implementations = {k: v for k, v in (("attn_implementation", attn_implementation),
+                                         ("experts_implementation", experts_implementation)) if v}
 
-    model = load_model(src_dir, layout, source_config)
+    progress(f"Loading {src} ({layout} layout)")
+    model = load_model(src_dir, layout, source_config, **implementations)
     input_ids = fixed_batch(model.config.vocab_size, mask_token_id if mask_token_id is not None else model.config.mask_token_id)
     source_logits = model_logits(model.to(device), input_ids)
     cast = dtype != "auto" and DTYPES[dtype] != model.dtype
     if cast:
         # Load SRC again directly in the output dtype (as from_pretrained would for a user; RoPE tables stay
         # float32): DST must reproduce this model exactly, and the source in its own dtype within tolerance.
+        progress(f"Loading {src} again in {dtype}")
         del model
-        model = load_model(src_dir, layout, source_config, dtype=DTYPES[dtype])
+        model = load_model(src_dir, layout, source_config, dtype=DTYPES[dtype], **implementations)
     reference_logits = model_logits(model.to(device), input_ids) if cast else source_logits
     model.to("cpu")
 
-    tmp = Path(tempfile.mkdtemp(prefix=f".{dst_path.name}.tmp-", dir=dst_path.parent))
-    try:
-        tokenizer_ids = convert_tokenizer(Path(tokenizer) if tokenizer else src_dir, tmp)
-        settings = generation_settings(model.config, tokenizer_ids, mask_token_id)
-        if model.config.mask_token_id is None and settings["mask_token_id"] is not None and not to_original:
+    with StagingDir(dst_path, purpose="llada-moe convert") as staging:
+        tmp = staging.path
+        progress(f"Writing into {tmp} (moved to {dst_path} once verified)")
+        tokenizer_ids = convert_tokenizer(Path(tokenizer).expanduser() if tokenizer else src_dir, tmp,
+                                          explicit=tokenizer is not None)
+        stored, dropped = source_generation_config(src_dir)
+        if dropped:
+            progress(f"generation_config.json: dropped {dropped} (autoregressive settings, unused by diffusion "
+                     "sampling)")
+        settings = generation_settings(model.config, tokenizer_ids, mask_token_id, stored)
+        if model.config.mask_token_id is None and settings.get("mask_token_id") is not None and not to_original:
             model.config.mask_token_id = settings["mask_token_id"]
         write_checkpoint(model, tmp, fused=fused_experts, max_shard_size=max_shard_size)
         if to_original:
@@ -236,14 +315,19 @@ def convert(src: str, dst: str, *, dtype: str = "auto", max_shard_size: str = "5
             write_generation_config(tmp, settings)
 
         # Verification: bit-identical tensors where names and dtype are unchanged, then logits in a fresh process.
+        progress("Verifying: comparing tensor checksums with the source")
         converted_sums = tensor_checksums(weight_files(tmp), desc="Hashing converted tensors")
         compared = 0 if cast else compare_tensors(tensor_checksums(weight_files(src_dir), desc="Hashing source tensors"), converted_sums)
         mode = "package" if to_original else "remote"
+        progress("Verifying: loading the output in a fresh Python process "
+                 + ("as custom code (trust_remote_code)" if mode == "remote" else "with llada-moe-hf")
+                 + " and comparing its logits (the longest step)")
         logits, loaded = logits_in_fresh_process(
             tmp, input_ids, mode=mode, attn=model.config._attn_implementation,
-            experts=model.config._experts_implementation or "eager", device=device,
+            experts=model.config._experts_implementation or "eager", device=device, heartbeat=progress,
         )
-        report = compare_logits(logits, reference_logits, source_logits if cast else None)
+        report = compare_logits(logits, reference_logits, source_logits if cast else None,
+                                relative_tolerance=max_cast_error, min_top1=min_cast_top1)
         out_dtype = str(model.dtype).replace("torch.", "")
         verification = (
             f"logits on a fixed batch identical to the source's in {out_dtype}"
@@ -252,40 +336,23 @@ def convert(src: str, dst: str, *, dtype: str = "auto", max_shard_size: str = "5
             + ("; loaded as custom code (trust_remote_code) in a fresh process" if mode == "remote" else "")
         )
         if not to_original:
-            kind = card_kind(card, str(src))
-            write_card(tmp, kind, base_model=base_model or src_repo or BASE_MODELS[kind],
+            kind = card_kind(card, src_repo or str(src_dir))
+            card_base = base_model or default_base_model(kind, model.config, src_repo)
+            write_card(tmp, kind, model=model, base_model=card_base,
                        repo_id=repo_id or dst_path.name, source=src_repo or src_dir.name, layout=layout,
-                       dtype=out_dtype, fused=fused_experts, settings=settings, token_ids=tokenizer_ids,
+                       dtype=out_dtype, fused=fused_experts, settings=settings,
+                       sampler_source=sampler_origin(stored, settings), token_ids=tokenizer_ids,
                        verification=verification)
         conversion = dict(source=src_repo or str(src_dir), source_layout=layout,
                           output_layout="release" if to_original else ("llada_moe fused" if fused_experts else "llada_moe per-expert"),
                           dtype=out_dtype, tensors_identical_to_source=compared, loaded_as=loaded, verification=report)
         write_manifest(tmp, weight_files(tmp), conversion)
-        move_into_place(tmp, dst_path, overwrite)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    logger.info("Converted %s -> %s (%s).", src, dst_path, verification)
+        progress(f"Verified; moving into place: {dst_path}")
+        try:
+            staging.commit(overwrite)
+        except FileExistsError as err:
+            raise ConversionError(f"{err} Pass --overwrite to replace it.") from None
     return dst_path
-
-
-def move_into_place(tmp: Path, dst: Path, overwrite: bool):
-    """Rename the verified output to DST. An existing DST (only with overwrite) is moved aside first and removed
-    only once the new one is in place; if the rename fails it is put back."""
-    if not dst.exists():
-        os.rename(tmp, dst)
-        return
-    if not overwrite:
-        raise ConversionError(f"DST {dst} appeared during the conversion; not replacing it without --overwrite.")
-    backup = Path(tempfile.mkdtemp(prefix=f".{dst.name}.old-", dir=dst.parent))
-    os.rmdir(backup)
-    os.rename(dst, backup)
-    try:
-        os.rename(tmp, dst)
-    except BaseException:
-        os.rename(backup, dst)
-        raise
-    shutil.rmtree(backup, ignore_errors=True)
 
 
 # ----------------------------------------------------------------------------------------------- command line
@@ -294,7 +361,7 @@ def move_into_place(tmp: Path, dst: Path, overwrite: bool):
 def add_arguments(parser: argparse.ArgumentParser):
     parser.add_argument("src", nargs="?", help="checkpoint directory or Hub repo id (release, dInfer or llada_moe layout)")
     parser.add_argument("dst", nargs="?", help="output directory (must not exist unless --overwrite)")
-    parser.add_argument("--dtype", default="auto", choices=["auto", *DTYPES], help="weights dtype of DST (auto: SRC's)")
+    add_runtime_arguments(parser, device_default="cpu")
     parser.add_argument("--max-shard-size", default="5GB", help="largest safetensors shard (default 5GB)")
     parser.add_argument("--fused-experts", action="store_true",
                         help="store experts fused (gate_up_proj [E, 2I, H], down_proj [E, H, I]) instead of per expert")
@@ -303,11 +370,17 @@ def add_arguments(parser: argparse.ArgumentParser):
     parser.add_argument("--overwrite", action="store_true", help="replace an existing DST once the new one is verified")
     parser.add_argument("--tokenizer", help="take the tokenizer from this directory instead of SRC")
     parser.add_argument("--mask-token-id", type=int, help="mask id when the tokenizer does not declare <|mask|>")
-    parser.add_argument("--card", default="auto", choices=["auto", "base", "instruct"],
-                        help="model card template (auto: instruct if SRC's name says so)")
-    parser.add_argument("--base-model", help="base_model of the model card (default: SRC's repo id or the release's)")
+    parser.add_argument("--card", default="auto", choices=["auto", "base", "instruct", "other"],
+                        help="what the model card says the model is (auto: instruct or base when SRC's name says so, "
+                             "else other)")
+    parser.add_argument("--base-model", help="base_model of the model card (default: SRC's Hub id; for a local SRC of "
+                                             "the release's shape, the release; else none)")
     parser.add_argument("--src-revision", help="revision of SRC when it is a Hub repo id")
-    parser.add_argument("--device", default="cpu", help="device for the verification forward passes (default cpu)")
+    cast = parser.add_argument_group("verification of a --dtype cast")
+    cast.add_argument("--max-cast-error", type=float, default=CAST_RELATIVE_TOLERANCE,
+                      help="largest logit change accepted, relative to the largest |logit| (default: %(default)s)")
+    cast.add_argument("--min-cast-top1", type=float, default=CAST_MIN_TOP1_AGREEMENT,
+                      help="smallest share of positions whose top-1 token must not change (default: %(default)s)")
     hub = parser.add_argument_group("pushing to the Hub")
     hub.add_argument("--push-to-hub", metavar="REPO_ID", help="upload DST to this Hub repository in one commit")
     hub.add_argument("--push-only", metavar="DST", help="push an existing converted DST (checked against its manifest)")
@@ -318,8 +391,18 @@ def add_arguments(parser: argparse.ArgumentParser):
     hub.add_argument("--endpoint", help="Hub endpoint (default: HF_ENDPOINT or https://huggingface.co)")
 
 
+def interrupted_message(err: KeyboardInterrupt, stage: str, retry: str | None) -> str:
+    what = "terminated (SIGTERM)" if isinstance(err, Terminated) else "interrupted (Ctrl-C)"
+    if stage == "push":
+        return (f"llada-moe convert: {what} during the push; the local output is complete and untouched. "
+                f"Re-run the push: {retry}")
+    return (f"llada-moe convert: {what}: stopped before DST was written and removed its temporary directory; "
+            "DST, if it existed, is as it was.")
+
+
 def run(args) -> int:
     logging.basicConfig(level=logging.INFO, format="%(message)s")
+    stage, retry = "convert", None
     try:
         if args.push_only:
             if args.src or args.dst:
@@ -338,27 +421,35 @@ def run(args) -> int:
                 fused_experts=args.fused_experts, to_original=args.to_original, overwrite=args.overwrite,
                 tokenizer=args.tokenizer, mask_token_id=args.mask_token_id, card=args.card,
                 base_model=args.base_model, repo_id=args.push_to_hub, src_revision=args.src_revision,
-                token=args.token, device=args.device,
+                token=args.token, device=args.device, attn_implementation=args.attn_implementation,
+                experts_implementation=args.experts_implementation, max_cast_error=args.max_cast_error,
+                min_cast_top1=args.min_cast_top1, progress=Progress(),
             )
             print(f"Converted and verified: {dst}")
+        if args.push_to_hub:
+            stage, retry = "push", push_only_command(dst, args.push_to_hub, private=args.private,
+                                                     revision=args.revision, create_pr=args.create_pr,
+                                                     endpoint=args.endpoint)
+            url = push_folder(dst, args.push_to_hub, private=args.private, revision=args.revision,
+                              create_pr=args.create_pr, token=args.token, endpoint=args.endpoint,
+                              retry_command=retry, token_given=args.token is not None)
+            print(f"Pushed {dst} to {args.push_to_hub}: {url}")
+    except PushError as err:
+        print(f"llada-moe convert: error: {err}", file=sys.stderr)
+        return 3
     except (ValueError, VerificationError) as err:
         print(f"llada-moe convert: error: {err}", file=sys.stderr)
         return 2
-    if args.push_to_hub:
-        try:
-            url = push_folder(dst, args.push_to_hub, private=args.private, revision=args.revision,
-                              create_pr=args.create_pr, token=args.token, endpoint=args.endpoint)
-        except PushError as err:
-            print(f"llada-moe convert: error: {err}", file=sys.stderr)
-            return 3
-        print(f"Pushed {dst} to {args.push_to_hub}: {url}")
+    except KeyboardInterrupt as err:
+        print(interrupted_message(err, stage, retry), file=sys.stderr)
+        return EXIT_TERMINATED if isinstance(err, Terminated) else EXIT_INTERRUPTED
     return 0
 
 
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(prog="llada-moe convert", description=__doc__.splitlines()[0])
     add_arguments(parser)
-    return run(parser.parse_args(argv))
+    return run_interruptible("llada-moe convert", run, parser.parse_args(argv))
 
 
 if __name__ == "__main__":

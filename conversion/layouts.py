@@ -14,6 +14,7 @@ import torch
 from safetensors import safe_open
 
 from llada_moe_hf import LLaDAMoEConfig, LLaDAMoEForDiffusionLM
+from llada_moe_hf.cli_common import check_weight_files
 from llada_moe_hf.configuration_llada_moe import upgrade_legacy_config_dict
 
 
@@ -66,15 +67,18 @@ def tensor_names(src_dir: Path) -> list[str]:
 
 
 def detect_layout(src_dir: Path) -> tuple[str, dict]:
-    """(layout, config dict) of a checkpoint directory; a clear ValueError for anything else."""
+    """(layout, config dict) of a checkpoint directory; a clear ValueError for anything else (a truncated or
+    damaged weight file is named)."""
     config = read_config_dict(src_dir)
     architectures = config.get("architectures") or []
     model_type = config.get("model_type")
-    if not weight_files(src_dir):
+    files = weight_files(src_dir)
+    if not files:
         raise ValueError(
             f"{src_dir} has no model.safetensors or model.safetensors.index.json; conversion reads safetensors "
             "checkpoints only (save a .bin checkpoint with safe_serialization first)."
         )
+    check_weight_files(files)
     if DINFER_ARCHITECTURE in architectures or any(n.endswith(".mlp.w1") for n in tensor_names(src_dir)):
         return "dinfer", config
     if model_type == "llada":
@@ -89,9 +93,10 @@ def detect_layout(src_dir: Path) -> tuple[str, dict]:
     )
 
 
-def load_model(src_dir: Path, layout: str, config_dict: dict, dtype="auto") -> LLaDAMoEForDiffusionLM:
-    """The checkpoint as a model (in its own dtype by default). Missing weights are refused (see from_pretrained)."""
-    kwargs = dict(dtype=dtype)
+def load_model(src_dir: Path, layout: str, config_dict: dict, dtype="auto", **loading) -> LLaDAMoEForDiffusionLM:
+    """The checkpoint as a model (in its own dtype by default; `loading`: e.g. attn_implementation). Missing
+    weights are refused (see from_pretrained)."""
+    kwargs = dict(dtype=dtype, **loading)
     if layout == "dinfer":
         config_dict = dict(config_dict, architectures=RELEASE_ARCHITECTURES)
         config_dict.pop("auto_map", None)

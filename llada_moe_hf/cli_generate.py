@@ -1,6 +1,8 @@
 """`llada-moe generate MODEL --prompt TEXT`: one diffusion generation, streamed to the terminal.
 
-The sampling options map one to one onto `model.generate()` parameters (see DiffusionGenerationConfig).
+The sampling options map one to one onto `model.generate()` parameters (see DiffusionGenerationConfig). Only
+the options given on the command line are passed: everything else comes from the checkpoint's
+generation_config.json, then from the package defaults, exactly as `model.generate()` without arguments.
 The prompt comes from --prompt, else from standard input. --chat wraps it in the chat template.
 """
 
@@ -9,41 +11,74 @@ from __future__ import annotations
 import argparse
 import sys
 import time
+from pathlib import Path
 
 from .chat import DEFAULT_SYSTEM_PROMPT, encode_chat, ensure_chat_template, mask_token_id, stop_token_ids
+from .cli_common import (
+    add_runtime_arguments,
+    check_source,
+    check_weight_files,
+    load_tokenizer,
+    loading_kwargs,
+    local_weight_files,
+    plural,
+    resolve_device,
+)
 
 
-DTYPES = ("auto", "float32", "bfloat16", "float16")
+STORED = "the checkpoint's generation_config.json, else"  # how every sampling default is resolved
+REMASKING = ("low_confidence", "random", "margin", "entropy")
+CACHE_MODES = ("none", "prefix", "dual")
 
 
 def add_model_arguments(parser: argparse.ArgumentParser):
     parser.add_argument("model", help="checkpoint directory or Hub id (e.g. inclusionAI/LLaDA-MoE-7B-A1B-Instruct)")
     parser.add_argument("--tokenizer", default=None, help="tokenizer directory or Hub id (default: MODEL)")
-    parser.add_argument("--dtype", choices=DTYPES, default="auto", help="weights dtype (auto: the checkpoint's)")
-    parser.add_argument("--device", default="auto", help="cpu, cuda, cuda:1, ... (auto: cuda when available)")
+    add_runtime_arguments(parser)
 
 
 def add_sampling_arguments(parser: argparse.ArgumentParser):
-    group = parser.add_argument_group("sampling (model.generate parameters)")
-    group.add_argument("--max-new-tokens", type=int, default=128, help="tokens to generate (default 128)")
-    group.add_argument("--steps", type=int, default=None, help="total denoising steps (default: max-new-tokens)")
-    group.add_argument("--block-length", type=int, default=None, help="semi-autoregressive block size (default 32)")
-    group.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (default)")
-    group.add_argument("--top-k", type=int, default=None)
-    group.add_argument("--top-p", type=float, default=None)
-    group.add_argument("--cfg-scale", type=float, default=0.0, help="classifier-free guidance (0 = off)")
-    group.add_argument(
-        "--remasking", default="low_confidence", choices=("low_confidence", "random", "margin", "entropy")
+    """Every option defaults to None ("not set"): generate() then uses the checkpoint's generation_config.json,
+    then the package defaults. The help states that chain."""
+    group = parser.add_argument_group(
+        "sampling (model.generate parameters; an option you leave out takes the value of the checkpoint's "
+        "generation_config.json, else the package default)"
     )
-    group.add_argument("--threshold", type=float, default=None, help="confidence-threshold parallel decoding, e.g. 0.9")
-    group.add_argument("--cache-mode", default="none", choices=("none", "prefix", "dual"))
-    group.add_argument("--no-stop-at-eos", action="store_true", help="always fill all max-new-tokens positions")
-    group.add_argument("--seed", type=int, default=None)
-    group.add_argument("--mask-token-id", type=int, default=None, help="default: model config, then '<|mask|>'")
+    group.add_argument("--max-new-tokens", type=int, help=f"tokens to generate (default: {STORED} 128)")
+    group.add_argument(
+        "--steps", type=int,
+        help="denoising steps over all blocks (default: the checkpoint's; when you set --max-new-tokens, the "
+             "checkpoint's steps per token times your length, a multiple of the number of blocks; without a "
+             "stored value, one token per step); not used with --threshold",
+    )
+    group.add_argument(
+        "--block-length", type=int,
+        help="tokens per semi-autoregressive block, must divide max-new-tokens (default: the checkpoint's; when you "
+             "set --max-new-tokens, the largest divisor of it not above the checkpoint's; without a stored value, "
+             "32 when it divides max-new-tokens, else one block)",
+    )
+    group.add_argument("--temperature", type=float, help=f"0 = greedy (default: {STORED} 0)")
+    group.add_argument("--top-k", type=int, help=f"sample among the k most likely tokens (default: {STORED} off)")
+    group.add_argument("--top-p", type=float, help=f"nucleus sampling (default: {STORED} off)")
+    group.add_argument("--cfg-scale", type=float, help=f"classifier-free guidance, 0 = off (default: {STORED} 0)")
+    group.add_argument("--remasking", choices=REMASKING, help=f"which positions to commit first (default: {STORED} "
+                                                              "low_confidence)")
+    group.add_argument("--threshold", type=float,
+                       help=f"confidence-threshold parallel decoding, e.g. 0.9 (default: {STORED} off)")
+    group.add_argument("--cache-mode", choices=CACHE_MODES, help=f"approximate KV cache (default: {STORED} none)")
+    group.add_argument("--no-stop-at-eos", dest="stop_at_eos", action="store_const", const=False, default=None,
+                       help="always fill all max-new-tokens positions (default: stop at the first finished block "
+                            "holding an end token)")
+    group.add_argument("--seed", type=int, help="random seed for temperature > 0 or random remasking")
+    group.add_argument("--mask-token-id", type=int,
+                       help="default: the checkpoint's generation_config.json, then config.json, then the "
+                            "tokenizer's '<|mask|>'")
     stream = parser.add_mutually_exclusive_group()
-    stream.add_argument("--stream", dest="stream", action="store_true", default=None, help="show drafts as they form")
+    stream.add_argument("--stream", dest="stream", action="store_true", default=None,
+                        help="stream the answer (drafts drawn in place on a terminal; plain text into a pipe)")
     stream.add_argument("--no-stream", dest="stream", action="store_false", help="print only the final text")
-    parser.add_argument("--stats", action="store_true", help="print forward passes, tokens/forward and time to stderr")
+    parser.add_argument("--stats", action="store_true",
+                        help="print answer tokens, forward passes, tokens per forward pass and time to stderr")
 
 
 def add_arguments(parser: argparse.ArgumentParser):
@@ -54,52 +89,45 @@ def add_arguments(parser: argparse.ArgumentParser):
     add_sampling_arguments(parser)
 
 
-def resolve_device(name: str) -> str:
-    import torch
-
-    if name == "auto":
-        return "cuda" if torch.cuda.is_available() else "cpu"
-    if name.startswith("cuda") and not torch.cuda.is_available():
-        raise SystemExit("error: --device cuda was requested but no CUDA device is available (use --device cpu).")
-    return name
+# ------------------------------------------------------------------------------------------ loading
 
 
 def load_model_and_tokenizer(args):
-    import torch
-    from transformers import AutoTokenizer
-
+    """The model on its device, in eval mode, and its tokenizer (with a chat template). ValueError on bad input."""
     from .modeling_llada_moe import LLaDAMoEForDiffusionLM
 
+    source = check_source(args.model, "MODEL")
+    check_local_checkpoint(source)
+    tokenizer = load_tokenizer(source, args.tokenizer)
     device = resolve_device(args.device)
-    dtype = "auto" if args.dtype == "auto" else getattr(torch, args.dtype)
     try:
-        # The tokenizer itself is never custom code (the release ships tokenizer.json); without this flag the
-        # config.json's auto_map would make transformers ask whether to run remote code.
-        tokenizer = AutoTokenizer.from_pretrained(args.tokenizer or args.model, trust_remote_code=False)
-    except (OSError, ValueError) as err:
-        raise SystemExit(f"error: could not load a tokenizer from {args.tokenizer or args.model!r}: {err}")
-    model = LLaDAMoEForDiffusionLM.from_pretrained(args.model, dtype=dtype).to(device).eval()
+        model = LLaDAMoEForDiffusionLM.from_pretrained(source, **loading_kwargs(args))
+    except OSError as err:
+        raise ValueError(f"could not load the model from {source!r}: {err}") from None
     ensure_chat_template(tokenizer)
-    return model, tokenizer
+    return model.to(device).eval(), tokenizer
+
+
+def check_local_checkpoint(source: str):
+    """A local MODEL must have a config.json and complete weight files (named when one is truncated)."""
+    directory = Path(source)
+    if not directory.is_dir():
+        return
+    if not (directory / "config.json").is_file():
+        raise ValueError(f"MODEL {source!r} has no config.json: give a Hugging Face checkpoint directory.")
+    check_weight_files(local_weight_files(directory))
+
+
+SAMPLING_OPTIONS = ("max_new_tokens", "steps", "block_length", "temperature", "top_k", "top_p", "cfg_scale",
+                    "remasking", "threshold", "cache_mode", "stop_at_eos", "seed")
 
 
 def generation_kwargs(args, model, tokenizer) -> dict:
-    """model.generate() keyword arguments from the command line; stop ids include `<|role_end|>`."""
-    kwargs = dict(
-        max_new_tokens=args.max_new_tokens,
-        steps=args.steps,
-        block_length=args.block_length,
-        temperature=args.temperature,
-        top_k=args.top_k,
-        top_p=args.top_p,
-        cfg_scale=args.cfg_scale,
-        remasking=args.remasking,
-        threshold=args.threshold,
-        cache_mode=args.cache_mode,
-        stop_at_eos=not args.no_stop_at_eos,
-        seed=args.seed,
-        eos_token_id=stop_token_ids(tokenizer, model.config) or None,
-    )
+    """model.generate() keyword arguments: the options set on the command line, nothing else; plus the stop ids
+    (the checkpoint's, with the tokenizer's eos and `<|role_end|>` added) and the mask id when only the tokenizer
+    knows it."""
+    kwargs = {name: getattr(args, name) for name in SAMPLING_OPTIONS if getattr(args, name, None) is not None}
+    kwargs["eos_token_id"] = stop_ids(model, tokenizer) or None
     mask_id = args.mask_token_id
     if mask_id is None and getattr(model.generation_config, "mask_token_id", None) is None:
         if getattr(model.config, "mask_token_id", None) is None:
@@ -107,6 +135,15 @@ def generation_kwargs(args, model, tokenizer) -> dict:
     if mask_id is not None:
         kwargs["mask_token_id"] = mask_id
     return {k: v for k, v in kwargs.items() if v is not None}
+
+
+def stop_ids(model, tokenizer) -> list[int]:
+    stored = getattr(model.generation_config, "eos_token_id", None)
+    ids = [] if stored is None else [int(i) for i in (stored if isinstance(stored, (list, tuple)) else [stored])]
+    return ids + [i for i in stop_token_ids(tokenizer, model.config) if i not in ids]
+
+
+# ------------------------------------------------------------------------------------------ generation
 
 
 def answer_ids(sequence, prompt_length: int, stop_ids) -> list[int]:
@@ -118,40 +155,73 @@ def answer_ids(sequence, prompt_length: int, stop_ids) -> list[int]:
     return ids
 
 
+def make_streamer(tokenizer, kwargs: dict):
+    from .terminal import DiffusionStreamer
+
+    return DiffusionStreamer(tokenizer, skip_prompt=True, stop_ids=kwargs.get("eos_token_id"), skip_special_tokens=True)
+
+
+def format_stats(answer_tokens: int, output, seconds: float) -> str:
+    """What happened: the answer's length, the positions the sampler committed (answer, end token and any
+    padding in the last block) and the forward passes it took."""
+    nfe = int(output.nfe)
+    committed = round(float(output.tokens_per_forward[0]) * nfe)
+    return (
+        f"[answer: {plural(answer_tokens, 'token')}; sampler: {plural(committed, 'position')} committed in "
+        f"{plural(nfe, 'forward pass', 'forward passes')} ({committed / max(nfe, 1):.2f} per forward pass); "
+        f"{seconds:.2f} s, {answer_tokens / max(seconds, 1e-9):.1f} answer tokens/s]"
+    )
+
+
 def run_generation(model, tokenizer, prompt_ids: list[int], kwargs: dict, stream: bool, stats: bool) -> str:
-    """Generate after `prompt_ids`, streaming drafts if asked; returns the answer text."""
+    """Generate after `prompt_ids`, streaming if asked; returns the answer text. On Ctrl-C the draft is erased
+    and the KeyboardInterrupt goes on."""
     import torch
-    from transformers import TextDiffusionStreamer
 
     input_ids = torch.tensor([prompt_ids], dtype=torch.long, device=model.device)
-    streamer = TextDiffusionStreamer(tokenizer, skip_prompt=True, skip_special_tokens=True) if stream else None
+    streamer = make_streamer(tokenizer, kwargs) if stream else None
     start = time.perf_counter()
-    output = model.generate(input_ids, streamer=streamer, return_dict_in_generate=True, **kwargs)
+    try:
+        output = model.generate(input_ids, streamer=streamer, return_dict_in_generate=True, **kwargs)
+    except KeyboardInterrupt:
+        if streamer is not None:
+            streamer.abort()
+        raise
     seconds = time.perf_counter() - start
     ids = answer_ids(output.sequences[0], len(prompt_ids), set(kwargs.get("eos_token_id") or ()))
     if stats:
-        print(
-            f"[{len(ids)} tokens, {output.nfe} forward passes, {output.tokens_per_forward[0].item():.2f} tokens/forward, "
-            f"{seconds:.2f} s, {len(ids) / max(seconds, 1e-9):.1f} tokens/s]",
-            file=sys.stderr,
-        )
+        print(format_stats(len(ids), output, seconds), file=sys.stderr)
     return tokenizer.decode(ids, skip_special_tokens=True)
 
 
+def read_prompt(args) -> str:
+    if args.prompt is not None:
+        return args.prompt
+    if sys.stdin.isatty():
+        print("Type the prompt, then Ctrl-D on an empty line (or pass --prompt TEXT):", file=sys.stderr)
+    return sys.stdin.read()
+
+
+def use_stream(args) -> bool:
+    return sys.stdout.isatty() if args.stream is None else args.stream
+
+
 def run(args) -> int:
-    prompt = args.prompt if args.prompt is not None else sys.stdin.read()
+    prompt = read_prompt(args)
     if not prompt.strip():
         print("error: empty prompt (pass --prompt TEXT or pipe text on standard input).", file=sys.stderr)
         return 2
-    model, tokenizer = load_model_and_tokenizer(args)
-    if args.chat:
-        messages = [{"role": "system", "content": args.system or DEFAULT_SYSTEM_PROMPT}, {"role": "user", "content": prompt}]
-        prompt_ids = encode_chat(tokenizer, messages)
-    else:
-        prompt_ids = tokenizer.encode(prompt, add_special_tokens=False)
-    stream = sys.stdout.isatty() if args.stream is None else args.stream
     try:
-        text = run_generation(model, tokenizer, prompt_ids, generation_kwargs(args, model, tokenizer), stream, args.stats)
+        model, tokenizer = load_model_and_tokenizer(args)
+        if args.chat:
+            messages = [{"role": "system", "content": args.system or DEFAULT_SYSTEM_PROMPT},
+                        {"role": "user", "content": prompt}]
+            prompt_ids = encode_chat(tokenizer, messages)
+        else:
+            prompt_ids = tokenizer.encode(prompt, add_special_tokens=False)
+        stream = use_stream(args)
+        text = run_generation(model, tokenizer, prompt_ids, generation_kwargs(args, model, tokenizer), stream,
+                              args.stats)
     except ValueError as err:
         print(f"error: {err}", file=sys.stderr)
         return 2

@@ -208,12 +208,24 @@ def run(args) -> int:
         return subprocess.run(worker, check=False).returncode
 
 
+def load_terminal_module():
+    """llada_moe_hf/terminal.py loaded by path: the worker must not import the llada_moe_hf package."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("llada_moe_demo_terminal", Path(__file__).parent / "terminal.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
 def worker(repo, show, eval_count, batch_size, no_stream, sleep, threads) -> int:
     """The demo proper, run where llada_moe_hf is not imported: plain transformers + the repo's code."""
     import sys
 
     import torch
-    from transformers import AutoModel, AutoTokenizer, TextDiffusionStreamer
+    from transformers import AutoModel, AutoTokenizer
+
+    DiffusionStreamer = load_terminal_module().DiffusionStreamer
 
     if threads:
         torch.set_num_threads(threads)
@@ -228,19 +240,23 @@ def worker(repo, show, eval_count, batch_size, no_stream, sleep, threads) -> int
         f"(top-{cfg.num_experts_per_tok}) per layer."
     )
 
+    stop_ids = generation_kwargs(tokenizer)["eos_token_id"]
     for task, digits in held_out_questions(show, seed=7):
         print(f"\nQ: {question_text(task, digits)}    (expected: {format_digits(task_answer(task, digits))})\nA: ", end="")
         ids = tokenizer(chat_prompt(tokenizer, task, digits), return_tensors="pt", add_special_tokens=False)
         streamer = None
         if not no_stream:
-            streamer = TextDiffusionStreamer(tokenizer, skip_prompt=True, sleep_time=sleep, skip_special_tokens=False)
+            # Drafts (terminals only) show the end tokens forming and each <|mask|> as "_"; the confirmed text
+            # stops at the end of the answer.
+            streamer = DiffusionStreamer(tokenizer, skip_prompt=True, sleep_time=sleep, start_column=len("A: "),
+                                         stop_ids=stop_ids, skip_special_tokens=False)
         with torch.inference_mode():
             out = model.generate(**ids, streamer=streamer, **generation_kwargs(tokenizer))
         answer = tokenizer.decode(out.sequences[0, ids.input_ids.shape[1] :], skip_special_tokens=True)
         verdict = "correct" if parse_answer(answer) == task_answer(task, digits) else "WRONG"
         if no_stream:
-            print(answer, end="")
-        print(f"\n   -> {answer!r}: {verdict}, {out.nfe} forward passes (exact sampler)")
+            print(answer)
+        print(f"   -> {answer!r}: {verdict}, {out.nfe} forward passes (exact sampler)")
 
     print(
         f"\nHeld-out questions (never seen in training): {eval_count}, batches of {batch_size}, "

@@ -24,6 +24,8 @@ from pathlib import Path
 
 from peft import LoraConfig, PeftModel, get_peft_model
 
+from .staging import normalize_permissions
+
 
 ATTENTION_TARGET_MODULES = ("q_proj", "k_proj", "v_proj", "o_proj")
 # Dense-layer MLPs (moe_layer_freq == 0) and the shared expert: plain nn.Linear SwiGLU.
@@ -207,8 +209,23 @@ def push_lora_adapter_to_hub(
         card = ModelCard.load(folder / "README.md")
         if card.data.base_model != base_model:
             raise RuntimeError(f"the rendered card says base_model={card.data.base_model!r}, expected {base_model!r}.")
-        api.create_repo(repo_id, private=private, exist_ok=True)
-        return api.upload_folder(repo_id=repo_id, folder_path=folder, commit_message=commit_message)
+        step = "create the repository"
+        try:
+            api.create_repo(repo_id, private=private, exist_ok=True)
+            step = "upload the adapter"
+            return api.upload_folder(repo_id=repo_id, folder_path=folder, commit_message=commit_message)
+        except Exception as err:  # network, auth, server: say what failed and what to do, not a raw httpx error
+            raise AdapterPushError(
+                f"Pushing the LoRA adapter to {repo_id} failed while trying to {step} on {api.endpoint}: "
+                f"{type(err).__name__}: {err}. No file was uploaded (the upload is one commit). Check the network (and "
+                "HF_ENDPOINT), and a token with write access (token=..., HF_TOKEN or `hf auth login`), then call "
+                "push_lora_adapter_to_hub again; or save it with save_adapter_with_card(model, DIR, base_model=...) "
+                f"and upload DIR later (`hf upload {repo_id} DIR`)."
+            ) from err
+
+
+class AdapterPushError(RuntimeError):
+    """push_lora_adapter_to_hub could not reach the Hub or was refused; nothing was uploaded."""
 
 
 def save_adapter_with_card(
@@ -234,6 +251,7 @@ def save_adapter_with_card(
         (staging / "adapter_config.json").write_text(json.dumps(adapter_config, indent=2, sort_keys=True))
         card = render_adapter_card(base_model, adapter_config, repo_id=repo_id, **card_kwargs)
         (staging / "README.md").write_text(card, encoding="utf-8")
+        normalize_permissions(staging)  # mkdtemp made it 0700: the adapter gets the umask's permissions
         if target.exists():
             shutil.rmtree(target)
         staging.rename(target)
@@ -245,6 +263,7 @@ def save_adapter_with_card(
 
 __all__ = [
     "ATTENTION_TARGET_MODULES",
+    "AdapterPushError",
     "EXPERT_TARGET_PARAMETERS",
     "MLP_TARGET_MODULES",
     "check_lora_config",

@@ -124,7 +124,8 @@ def test_cli_generate_streams_and_chats(model_dir, capsys):
          "--threshold", "0.9", "--cache-mode", "dual", "--stream"]
     )
     assert rc == 0
-    assert "\0337" in capsys.readouterr().out
+    out = capsys.readouterr().out
+    assert out.endswith("\n") and "\033" not in out  # streamed into a non-terminal: plain text, no drafts
 
 
 def test_cli_generate_reports_bad_settings(model_dir, capsys):
