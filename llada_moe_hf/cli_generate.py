@@ -66,6 +66,10 @@ def add_sampling_arguments(parser: argparse.ArgumentParser):
     group.add_argument("--threshold", type=float,
                        help=f"confidence-threshold parallel decoding, e.g. 0.9 (default: {STORED} off)")
     group.add_argument("--cache-mode", choices=CACHE_MODES, help=f"approximate KV cache (default: {STORED} none)")
+    group.add_argument("--cache-implementation", choices=["static"],
+                       help="static: fixed shapes and a compiled denoising step, same tokens, much less overhead per "
+                            "step; the first call compiles (tens of seconds to minutes) (default: "
+                            f"{STORED} none, eager)")
     group.add_argument("--no-stop-at-eos", dest="stop_at_eos", action="store_const", const=False, default=None,
                        help="always fill all max-new-tokens positions (default: stop at the first finished block "
                             "holding an end token)")
@@ -119,7 +123,7 @@ def check_local_checkpoint(source: str):
 
 
 SAMPLING_OPTIONS = ("max_new_tokens", "steps", "block_length", "temperature", "top_k", "top_p", "cfg_scale",
-                    "remasking", "threshold", "cache_mode", "stop_at_eos", "seed")
+                    "remasking", "threshold", "cache_mode", "stop_at_eos", "seed", "cache_implementation")
 
 
 def generation_kwargs(args, model, tokenizer) -> dict:

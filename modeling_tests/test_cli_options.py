@@ -79,6 +79,8 @@ def test_only_the_options_given_are_passed(capsys):
     tokenizer = AutoTokenizer.from_pretrained(TINY_ASSET_DIR)
     kwargs = cli_generate.generation_kwargs(args, Stub(), tokenizer)
     assert kwargs == {"max_new_tokens": 24, "seed": 3, "eos_token_id": [27, 29]}
+    static = parser.parse_args(["generate", str(TINY_ASSET_DIR), "--cache-implementation", "static"])
+    assert cli_generate.generation_kwargs(static, Stub(), tokenizer)["cache_implementation"] == "static"
 
 
 def test_help_states_the_real_defaults():
