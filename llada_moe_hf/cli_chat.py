@@ -10,6 +10,7 @@ import sys
 
 from .chat import DEFAULT_SYSTEM_PROMPT, encode_chat
 from .cli_generate import add_model_arguments, add_sampling_arguments, generation_kwargs, load_model_and_tokenizer, run_generation
+from .distributed import read_on_main_process, setup_cli
 
 
 def add_arguments(parser: argparse.ArgumentParser):
@@ -26,6 +27,7 @@ def read_message(interactive: bool) -> str | None:
 
 
 def run(args) -> int:
+    setup_cli(args)  # under torchrun: process group, quiet ranks > 0, one sampling seed
     model, tokenizer = load_model_and_tokenizer(args)
     kwargs = generation_kwargs(args, model, tokenizer)
     interactive = sys.stdin.isatty()
@@ -35,7 +37,7 @@ def run(args) -> int:
     if interactive:
         print("Chat with LLaDA-MoE. /reset forgets the conversation, /exit quits.")
     while True:
-        line = read_message(interactive)
+        line = read_on_main_process(lambda: read_message(interactive))  # rank 0 reads, every rank gets it
         if line is None or line.strip() in ("/exit", "/quit"):
             return 0
         if line.strip() == "/reset":

@@ -11,6 +11,7 @@ import sys
 import time
 
 from .chat import DEFAULT_SYSTEM_PROMPT, encode_chat, ensure_chat_template, mask_token_id, stop_token_ids
+from .distributed import add_distributed_arguments, from_pretrained_kwargs, read_on_main_process, setup_cli
 
 
 DTYPES = ("auto", "float32", "bfloat16", "float16")
@@ -21,6 +22,7 @@ def add_model_arguments(parser: argparse.ArgumentParser):
     parser.add_argument("--tokenizer", default=None, help="tokenizer directory or Hub id (default: MODEL)")
     parser.add_argument("--dtype", choices=DTYPES, default="auto", help="weights dtype (auto: the checkpoint's)")
     parser.add_argument("--device", default="auto", help="cpu, cuda, cuda:1, ... (auto: cuda when available)")
+    add_distributed_arguments(parser)
 
 
 def add_sampling_arguments(parser: argparse.ArgumentParser):
@@ -78,7 +80,11 @@ def load_model_and_tokenizer(args):
         tokenizer = AutoTokenizer.from_pretrained(args.tokenizer or args.model, trust_remote_code=False)
     except (OSError, ValueError) as err:
         raise SystemExit(f"error: could not load a tokenizer from {args.tokenizer or args.model!r}: {err}")
-    model = LLaDAMoEForDiffusionLM.from_pretrained(args.model, dtype=dtype).to(device).eval()
+    sharded = from_pretrained_kwargs(args)  # under torchrun: tensor/expert parallel over the processes
+    if sharded:
+        model = LLaDAMoEForDiffusionLM.from_pretrained(args.model, dtype=dtype, **sharded).eval()
+    else:
+        model = LLaDAMoEForDiffusionLM.from_pretrained(args.model, dtype=dtype).to(device).eval()
     ensure_chat_template(tokenizer)
     return model, tokenizer
 
@@ -139,7 +145,8 @@ def run_generation(model, tokenizer, prompt_ids: list[int], kwargs: dict, stream
 
 
 def run(args) -> int:
-    prompt = args.prompt if args.prompt is not None else sys.stdin.read()
+    setup_cli(args)  # under torchrun: process group, quiet ranks > 0, one sampling seed
+    prompt = read_on_main_process(lambda: args.prompt if args.prompt is not None else sys.stdin.read())
     if not prompt.strip():
         print("error: empty prompt (pass --prompt TEXT or pipe text on standard input).", file=sys.stderr)
         return 2
