@@ -33,6 +33,10 @@ import torch
 from transformers import AutoModel, AutoTokenizer, Trainer, TrainingArguments
 
 from llada_moe_hf import LLaDAMoEConfig, LLaDAMoEForDiffusionLM
+from llada_moe_hf.distributed import (
+    init_distributed, is_main_process, launched_distributed, make_distributed_config, run_on_main_process,
+    silence_other_ranks, world_size,
+)
 from llada_moe_hf.lora import default_lora_config, get_lora_model
 from llada_moe_hf.training_llada_moe import LLaDAMoEDataCollator, tokenize_sft_example
 
@@ -64,7 +68,39 @@ def parse_args(argv=None):
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--trust-remote-code", action="store_true",
                         help="load --model as custom code instead of with this package")
+    parser.add_argument("--fsdp", action="store_true",
+                        help="under torchrun / accelerate launch: FSDP2 shards the base model over the processes "
+                        "(default: data parallel, a full copy per process)")
     return parser.parse_args(argv)
+
+
+def setup_launch(args):
+    """Under torchrun / accelerate launch: join the process group and keep every rank but 0 quiet."""
+    if args.fsdp and not launched_distributed():
+        raise SystemExit("--fsdp shards the model over several processes: launch with torchrun --nproc-per-node N "
+                         "(or accelerate launch --num_processes N).")
+    if launched_distributed():
+        init_distributed()
+        silence_other_ranks()
+
+
+def parallel_load_kwargs(args) -> dict:
+    """from_pretrained arguments for --fsdp: transformers' FSDP2 shards the base weights over the processes; the
+    LoRA weights added afterwards stay whole on each rank and Trainer averages their gradients."""
+    if not args.fsdp:
+        return {}
+    from transformers.distributed import DistributedConfig
+
+    if "ep_size" not in DistributedConfig.__dataclass_fields__:
+        raise SystemExit("--fsdp needs transformers >= 5.19 (Trainer support for models sharded at load time): "
+                         "pip install -U 'transformers>=5.19', or train data parallel without --fsdp.")
+    return {"distributed_config": make_distributed_config(fsdp_size=world_size())}
+
+
+def parallel_training_args(args) -> dict:
+    """TrainingArguments for the launch (Trainer itself runs data parallel under torchrun)."""
+    # Trainer cannot checkpoint the optimizer of a model sharded at load time: checkpoints hold the adapter.
+    return {"save_only_model": True} if args.fsdp else {}
 
 
 def read_jsonl(path: Path) -> list[dict]:
@@ -89,7 +125,7 @@ def read_jsonl(path: Path) -> list[dict]:
 def load_model_and_tokenizer(args, dtype):
     if args.model:
         tokenizer = AutoTokenizer.from_pretrained(args.model, trust_remote_code=args.trust_remote_code)
-        kwargs = dict(dtype=dtype, experts_implementation=args.experts_implementation)
+        kwargs = dict(dtype=dtype, experts_implementation=args.experts_implementation, **parallel_load_kwargs(args))
         if args.trust_remote_code:
             model = AutoModel.from_pretrained(args.model, trust_remote_code=True, **kwargs)
         else:
@@ -101,7 +137,7 @@ def load_model_and_tokenizer(args, dtype):
     if (TINY_ASSET_DIR / "config.json").is_file():
         print(f"[tiny] using the package's embedded tiny model: {TINY_ASSET_DIR}")
         tokenizer = AutoTokenizer.from_pretrained(TINY_ASSET_DIR)
-        model = LLaDAMoEForDiffusionLM.from_pretrained(TINY_ASSET_DIR, dtype=dtype)
+        model = LLaDAMoEForDiffusionLM.from_pretrained(TINY_ASSET_DIR, dtype=dtype, **parallel_load_kwargs(args))
         return model, tokenizer, str(TINY_ASSET_DIR)
     return build_tiny_random(args, dtype, Path(args.output_dir) / "tiny-random-base")
 
@@ -124,7 +160,7 @@ def build_tiny_random(args, dtype, folder: Path):
     tokenizer.save_pretrained(folder)
     print(f"[tiny] NOTE: built a TINY RANDOM model + tokenizer in {folder} (the embedded tiny model is not "
           "installed); this run shows the pipeline, not a useful model.")
-    model = LLaDAMoEForDiffusionLM.from_pretrained(folder, dtype=dtype)
+    model = LLaDAMoEForDiffusionLM.from_pretrained(folder, dtype=dtype, **parallel_load_kwargs(args))
     return model, tokenizer, str(folder)
 
 
@@ -140,6 +176,12 @@ def check_output_dir(path: Path, overwrite: bool):
     if path.exists() and any(path.iterdir()) and not overwrite:
         raise SystemExit(f"--output-dir {path} is not empty; pass --overwrite-output-dir to write into it anyway.")
     path.mkdir(parents=True, exist_ok=True)
+
+
+def move_into_place(staging: Path, final: Path):
+    if final.exists():
+        shutil.rmtree(final)
+    staging.rename(final)
 
 
 def pick_dtype(name):
@@ -159,8 +201,9 @@ def eval_loss(model, batches):
 
 def main(argv=None):
     args = parse_args(argv)
+    setup_launch(args)
     output_dir = Path(args.output_dir)
-    check_output_dir(output_dir, args.overwrite_output_dir)
+    run_on_main_process(lambda: check_output_dir(output_dir, args.overwrite_output_dir))
     rows = read_jsonl(Path(args.data))
     dtype = pick_dtype(args.dtype)
     model, tokenizer, base_name = load_model_and_tokenizer(args, dtype)
@@ -203,6 +246,7 @@ def main(argv=None):
         dataloader_num_workers=0,
         # only when asked: the argument is deprecated (renamed) in recent transformers
         **({"gradient_checkpointing": True} if args.gradient_checkpointing else {}),
+        **parallel_training_args(args),
     )
     trainer = Trainer(model=model, args=training_args, train_dataset=features, data_collator=collator)
 
@@ -213,11 +257,10 @@ def main(argv=None):
     after = eval_loss(model, eval_batches)
 
     final = output_dir / "adapter"
-    staging = Path(tempfile.mkdtemp(prefix=".adapter.", dir=output_dir))
-    model.save_pretrained(staging)
-    if final.exists():
-        shutil.rmtree(final)
-    staging.rename(final)
+    staging = Path(run_on_main_process(lambda: tempfile.mkdtemp(prefix=".adapter.", dir=output_dir)))
+    # Every rank takes part (a sharded model gathers its tensors); rank 0 writes.
+    model.save_pretrained(staging, is_main_process=is_main_process())
+    run_on_main_process(lambda: move_into_place(staging, final))
     print(f"base model: {base_name}")
     print(f"masked-diffusion loss on a fixed noised batch: before {before:.4f}, after {after:.4f}")
     print(f"trained {trainer.state.global_step} steps in {elapsed:.1f} s; adapter saved to {final}")

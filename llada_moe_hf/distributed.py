@@ -78,6 +78,21 @@ def read_on_main_process(read):
     return broadcast_object(read() if is_main_process() else None)
 
 
+def run_on_main_process(function):
+    """Call `function()` on rank 0 only (a check, a file write) and give its result to every rank; a SystemExit
+    it raises (a user error) is raised on every rank, so that no rank waits for the others forever."""
+    outcome = None
+    if is_main_process():
+        try:
+            outcome = ("ok", function())
+        except SystemExit as exit_:
+            outcome = ("exit", exit_.code)
+    kind, value = broadcast_object(outcome)
+    if kind == "exit":
+        raise SystemExit(value)
+    return value
+
+
 def shared_seed(seed: int | None) -> int | None:
     """The same sampling seed on every rank: ranks that drew different random tokens would feed different inputs
     to the same sharded layers. Without a seed, rank 0 draws one."""
@@ -222,6 +237,7 @@ __all__ = [
     "make_distributed_config",
     "rank",
     "read_on_main_process",
+    "run_on_main_process",
     "setup_cli",
     "shared_seed",
     "silence_other_ranks",

@@ -1,0 +1,231 @@
+"""Issue 14: several processes (two CPU processes, gloo) against one, on the golden fixture.
+
+One group of two processes (`distributed_workers.run_checks`) runs every sharded check, since starting processes
+is most of the cost; `llada-moe generate` runs under a real `torchrun`. transformers 5.17-5.24 differ in what they
+offer (see `llada_moe_hf.distributed.make_distributed_config`); a check the installed version cannot run is
+skipped with the version it needs.
+"""
+
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+import transformers
+from peft import PeftModel
+from transformers.distributed import DistributedConfig
+
+import distributed_workers as workers
+from conftest import FIXTURE_DIR, REPO_ROOT, tiny_config
+from llada_moe_hf import LLaDAMoEConfig, LLaDAMoEForDiffusionLM
+from llada_moe_hf.cli import main
+from llada_moe_hf.demo import TINY_ASSET_DIR
+from llada_moe_hf.distributed import make_distributed_config
+from llada_moe_hf.lora import get_lora_model
+
+
+FIELDS = DistributedConfig.__dataclass_fields__
+HAS_EP_SIZE = "ep_size" in FIELDS  # transformers >= 5.19: ep_size, token dispatch (all-to-all), native FSDP2 in Trainer
+HAS_EP_IMPLEMENTATION = "ep_implementation" in FIELDS  # >= 5.23: ep_implementation="all_reduce" / "all_to_all"
+VERSION = transformers.__version__
+
+CHECKS = ["custom_code_tp", "tp", "tp_grads", "fsdp_lora_grads", "finetune_ddp"]
+if HAS_EP_IMPLEMENTATION or not HAS_EP_SIZE:  # < 5.19: the only expert parallelism is the all-reduce one
+    CHECKS.append("ep_all_reduce")
+if HAS_EP_SIZE:
+    CHECKS += ["ep_all_to_all", "finetune_fsdp"]
+CHECKS.append("chat_cli")  # last: it leaves rank 1 silenced
+
+
+@pytest.fixture(scope="module")
+def group(tmp_path_factory):
+    """Runs every check in one group of two processes; returns the folder of their results."""
+    tmp = tmp_path_factory.mktemp("distributed")
+    repo = tmp / "custom-code-repo"
+    LLaDAMoEForDiffusionLM.from_pretrained(FIXTURE_DIR).save_pretrained(repo)
+    out = tmp / "results"
+    out.mkdir()
+    env = {"HF_MODULES_CACHE": str(tmp / "modules"), "TOKENIZERS_PARALLELISM": "false"}
+    workers.spawn(workers.run_checks, 2, str(out), CHECKS, str(repo), env=env)
+    return out
+
+
+def result(out, name, rank=0):
+    if name not in CHECKS:
+        pytest.skip(f"transformers {VERSION} cannot run {name!r} (see CHECKS)")
+    error = out / f"{name}.{rank}.err"
+    if error.exists():
+        pytest.fail(f"{name} failed on rank {rank}:\n{error.read_text()}")
+    return torch.load(out / f"{name}.{rank}.pt", weights_only=False)
+
+
+def assert_golden_logits(logits, golden):
+    torch.testing.assert_close(logits, golden["logits.logits"], rtol=0, atol=1e-5)
+
+
+# ------------------------------------------------------------------------------------------ inference
+
+
+@pytest.mark.parametrize("rank", [0, 1])
+def test_tensor_parallel_logits_and_generation(group, golden, rank):
+    res = result(group, "tp", rank)
+    assert_golden_logits(res["logits"], golden)
+    assert torch.equal(res["generated"], golden["gen0.output"])  # the original sampler, token for token
+    # Whole heads per rank (4 heads of 16 -> 2 per rank), qk-norm weight whole, o_proj split on its input.
+    assert res["placements"]["q_proj"] == "(Shard(dim=0),)" and res["local_shapes"]["q_proj"] == (32, 64)
+    assert res["placements"]["o_proj"] == "(Shard(dim=1),)" and res["local_shapes"]["o_proj"] == (64, 32)
+    assert res["local_shapes"]["q_norm"] == (16,)
+    assert res["local_shapes"]["gate_up_proj"] == (16, 32, 64)  # every expert, half its width
+
+
+@pytest.mark.parametrize("name, implementation", [("ep_all_reduce", "AllReduceEP"), ("ep_all_to_all", "AllToAllEP")])
+def test_tensor_and_expert_parallel_logits(group, golden, name, implementation):
+    for rank in (0, 1):
+        res = result(group, name, rank)
+        assert_golden_logits(res["logits"], golden)
+        assert torch.equal(res["generated"], golden["gen0.output"])
+        assert res["num_local_experts"] == 8 and res["local_shapes"]["gate_up_proj"] == (8, 64, 64)  # 8 whole experts
+        if HAS_EP_IMPLEMENTATION:
+            assert res["ep_implementation"] == implementation
+
+
+def test_custom_code_tensor_parallel(group, golden):
+    """A converted repo loaded with plain transformers (trust_remote_code, the package never imported)."""
+    for rank in (0, 1):
+        res = result(group, "custom_code_tp", rank)
+        assert res["module"].startswith("transformers_modules.")
+        assert not res["package_imported"]
+        assert res["q_proj_local"] == (32, 64)
+        assert_golden_logits(res["logits"], golden)
+
+
+# ------------------------------------------------------------------------------------------- training
+
+
+def test_tensor_parallel_gradients(group):
+    """Every parameter's gradient under TP equals one process's, the shared qk-norm weights included (each rank
+    sees only its heads: without the gradient all-reduce of the plan they would be partial)."""
+    model = LLaDAMoEForDiffusionLM.from_pretrained(FIXTURE_DIR).train()
+    loss = model(**workers.training_batch()).loss
+    loss.backward()
+    for rank in (0, 1):
+        res = result(group, "tp_grads", rank)
+        torch.testing.assert_close(res["loss"], loss.detach(), rtol=1e-6, atol=1e-6)
+        assert res["grads"].keys() == dict(model.named_parameters()).keys()
+        for name, param in model.named_parameters():
+            torch.testing.assert_close(res["grads"][name], param.grad, rtol=1e-4, atol=1e-6, msg=name)
+    assert any("q_norm" in name for name in res["grads"])
+
+
+def test_fsdp2_lora_gradients(group):
+    """FSDP2 over 2 ranks, LoRA on attention and experts, each rank on half the batch: the averaged LoRA gradients
+    equal one process's on the whole batch."""
+    model = get_lora_model(LLaDAMoEForDiffusionLM.from_pretrained(FIXTURE_DIR))
+    workers.set_lora_weights(model)
+    model.train()
+    model(**workers.training_batch()).loss.backward()
+    expected = {workers.lora_key(n): p.grad for n, p in model.named_parameters() if p.requires_grad}
+    assert any("experts" in name for name in expected)
+    res = result(group, "fsdp_lora_grads", 0)
+    sharded, total = res["sharded_params"]
+    assert sharded == total  # every base weight is an FSDP shard
+    assert res["grads"].keys() == expected.keys()
+    for name, grad in expected.items():
+        torch.testing.assert_close(res["grads"][name], grad, rtol=1e-4, atol=1e-6, msg=name)
+
+
+@pytest.mark.parametrize("mode", ["finetune_ddp", "finetune_fsdp"])
+def test_finetune_script_checkpoints_reload_on_one_process(group, tmp_path, mode):
+    """examples/finetune_lora.py under a 2-process launch (data parallel, then FSDP2): the adapter and a checkpoint
+    load on one process, and the final adapter gives the loss the sharded run measured."""
+    res = result(group, mode, 0)
+    folder = group / mode.replace("_", "-")
+    assert torch.isfinite(torch.tensor(res["after"]))
+    sys.path.insert(0, str(REPO_ROOT / "examples"))
+    import finetune_lora
+
+    for adapter, check_loss in ((folder / "adapter", True), (folder / "checkpoint-1", False)):
+        base = LLaDAMoEForDiffusionLM.from_pretrained(TINY_ASSET_DIR)
+        model = PeftModel.from_pretrained(base, adapter)
+        if check_loss:
+            assert finetune_lora.eval_loss(model, res["eval_batches"]) == pytest.approx(res["after"], abs=1e-5)
+    assert not list(folder.glob(".adapter.*"))  # no staging folder left
+
+
+def test_chat_reads_on_rank_zero_and_prints_once(group):
+    main_rank, other = result(group, "chat_cli", 0), result(group, "chat_cli", 1)
+    assert main_rank["code"] == other["code"] == 0
+    assert main_rank["stdout"].splitlines() == ["1 1 3 4 5", "[conversation reset]", "4 3 2 1"]
+    assert main_rank["stdin_left"] == ""
+    assert not main_rank["fd1_is_devnull"] and other["fd1_is_devnull"] and other["fd2_is_devnull"]
+
+
+# ----------------------------------------------------------------------------------- command line, torchrun
+
+
+def torchrun(*args, timeout=240):
+    env = dict(os.environ, OMP_NUM_THREADS="1", HF_HUB_OFFLINE="1", TOKENIZERS_PARALLELISM="false")
+    command = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2",
+               "--master-port", str(workers.free_port()), *args]
+    return subprocess.run(command, capture_output=True, text=True, env=env, timeout=timeout, stdin=subprocess.DEVNULL)
+
+
+def test_generate_under_torchrun_prints_once(capsys):
+    args = ["generate", str(TINY_ASSET_DIR), "--chat", "--prompt", "sort 3 1 4 1 5", "--max-new-tokens", "16",
+            "--block-length", "8", "--no-stream", "--stats"]
+    assert main(args) == 0
+    expected = capsys.readouterr().out
+    assert expected == "1 1 3 4 5\n"
+    run = torchrun("-m", "llada_moe_hf.cli", *args, "--ep-size", "2")
+    assert run.returncode == 0, run.stderr
+    assert run.stdout == expected  # rank 0 alone prints, the same answer as one process
+    assert run.stderr.count("forward passes") == 1  # --stats once
+    assert run.stderr.count("Loading weights: 100%") == 1  # rank 1's progress bar is silenced
+
+
+def test_cli_refuses_bad_sizes(capsys):
+    with pytest.raises(SystemExit, match="torchrun --nproc-per-node 2"):
+        main(["generate", str(TINY_ASSET_DIR), "--prompt", "x", "--tp-size", "2"])
+
+
+# --------------------------------------------------------------------------------- plans and configs
+
+
+def test_plan_shards_attention_by_heads():
+    plan = LLaDAMoEConfig.base_model_tp_plan
+    assert {plan[f"layers.*.self_attn.{p}_proj"] for p in "qkv"} == {"colwise"}
+    assert plan["layers.*.self_attn.o_proj"] == "rowwise"
+    assert plan["layers.*.self_attn.q_norm"] == plan["layers.*.self_attn.k_norm"] == "replicated_with_grad_allreduce"
+
+
+def test_tp_size_must_divide_heads():
+    config = tiny_config(num_attention_heads=4, num_key_value_heads=2)
+    config.distributed_config = DistributedConfig(tp_size=4)
+    with pytest.raises(ValueError, match="tp_size=4 does not divide"):
+        LLaDAMoEForDiffusionLM(config)
+    gathered = {f"layers.*.self_attn.{p}_proj": "colwise_gather_output" for p in "qkv"}
+    config.distributed_config = DistributedConfig(tp_size=4, tp_plan=gathered)
+    LLaDAMoEForDiffusionLM(config)  # heads gathered on every rank: any tp_size works
+    config.distributed_config = DistributedConfig(tp_size=2)
+    LLaDAMoEForDiffusionLM(config)
+
+
+def test_make_distributed_config_for_this_transformers():
+    assert make_distributed_config(tp_size=2).tp_size == 2
+    assert make_distributed_config(fsdp_size=2).fsdp_size == 2
+    if HAS_EP_IMPLEMENTATION:
+        config = make_distributed_config(tp_size=2, ep_size=2, ep_implementation="all_reduce")
+        assert (config.ep_size, config.ep_implementation) == (2, "all_reduce")
+    elif HAS_EP_SIZE:
+        assert make_distributed_config(tp_size=2, ep_size=2).ep_size == 2
+        with pytest.raises(ValueError, match="needs transformers >= 5.23"):
+            make_distributed_config(tp_size=2, ep_size=2, ep_implementation="all_reduce")
+    else:
+        assert make_distributed_config(tp_size=2, ep_size=2).enable_expert_parallel
+        with pytest.raises(ValueError, match="ep_size == tp_size"):
+            make_distributed_config(tp_size=2, ep_size=2, ep_implementation="all_to_all")
+    with pytest.raises(ValueError, match="ep_implementation must be one of"):
+        make_distributed_config(tp_size=2, ep_size=2, ep_implementation="nccl")
+    with pytest.raises(ValueError, match="tp_size must be a positive integer"):
+        make_distributed_config(tp_size=0)
