@@ -89,11 +89,15 @@ def parallel_load_kwargs(args) -> dict:
     LoRA weights added afterwards stay whole on each rank and Trainer averages their gradients."""
     if not args.fsdp:
         return {}
-    from transformers.distributed import DistributedConfig
+    import peft
+    import transformers
+    from packaging.version import Version
 
-    if "ep_size" not in DistributedConfig.__dataclass_fields__:
-        raise SystemExit("--fsdp needs transformers >= 5.19 (Trainer support for models sharded at load time): "
-                         "pip install -U 'transformers>=5.19', or train data parallel without --fsdp.")
+    # Trainer on a model sharded at load time (5.19 aborts); LoRA on FSDP2 weight shards (older PEFT fails).
+    if Version(transformers.__version__) < Version("5.20") or Version(peft.__version__) < Version("0.21"):
+        raise SystemExit(f"--fsdp needs transformers >= 5.20 and peft >= 0.21 (installed: {transformers.__version__}, "
+                         f"{peft.__version__}): pip install -U 'transformers>=5.20' 'peft>=0.21', or train data "
+                         "parallel without --fsdp.")
     return {"distributed_config": make_distributed_config(fsdp_size=world_size())}
 
 

@@ -19,6 +19,8 @@ import torch.multiprocessing as mp
 
 FIXTURE_DIR = Path(__file__).parent / "fixtures" / "llada-moe-tiny"
 MASK_ID = 363
+CHAT_INPUT = "w10 w11 w12\n/reset\nw20 w21\n/exit\n"
+CHAT_ARGS = ["--max-new-tokens", "8", "--block-length", "8", "--no-stream"]
 
 
 def free_port() -> int:
@@ -100,7 +102,7 @@ def full(tensor):
 # ----------------------------------------------------------------------------------------------- checks
 
 
-def run_checks(rank, out_dir, checks, custom_code_repo):
+def run_checks(rank, out_dir, checks, custom_code_repo, cli_model_dir):
     """Each check writes `{name}.{rank}.pt` (what it measured) or `{name}.{rank}.err` (its traceback)."""
     import torch.distributed as dist
 
@@ -112,11 +114,12 @@ def run_checks(rank, out_dir, checks, custom_code_repo):
         "ep_all_to_all": lambda: sharded_logits(tp_size=2, ep_size=2, ep_implementation="all_to_all"),
         "tp_grads": tp_gradients,
         "fsdp_lora_grads": lambda: fsdp_lora_gradients(rank),
-        "chat_cli": lambda: chat_cli(rank),
+        "chat_cli": lambda: chat_cli(rank, cli_model_dir),
         "finetune_ddp": lambda: finetune_script(out_dir / "finetune-ddp"),
         "finetune_fsdp": lambda: finetune_script(out_dir / "finetune-fsdp", "--fsdp"),
     }
     for name in checks:
+        (out_dir / f"{name}.{rank}.started").touch()
         try:
             torch.save(functions[name](), out_dir / f"{name}.{rank}.pt")
         except Exception:
@@ -223,21 +226,20 @@ def fsdp_lora_gradients(rank):
     return {"grads": grads, "sharded_params": sharded}
 
 
-def chat_cli(rank):
+def chat_cli(rank, model_dir):
     """`llada-moe chat` in a launched group: rank 0 reads the messages, every rank answers, only rank 0 prints.
     Rank > 0 ends with its standard output and error sent to /dev/null (so this check runs after the others)."""
     import contextlib
     import io
 
     from llada_moe_hf.cli import main
-    from llada_moe_hf.demo import TINY_ASSET_DIR
 
-    stdin = io.StringIO("sort 3 1 4 1 5\n/reset\nreverse 1 2 3 4\n/exit\n" if rank == 0 else "")
+    stdin = io.StringIO(CHAT_INPUT if rank == 0 else "")
     stdout = io.StringIO()
     previous_stdin, sys.stdin = sys.stdin, stdin
     try:
         with contextlib.redirect_stdout(stdout):
-            code = main(["chat", str(TINY_ASSET_DIR), "--max-new-tokens", "16", "--block-length", "8"])
+            code = main(["chat", str(model_dir), *CHAT_ARGS])
     finally:
         sys.stdin = previous_stdin
     return {
