@@ -209,15 +209,17 @@ class LLaDAMoEConfig(PreTrainedConfig):
             return  # transformers < 5.19: the expert plan replaces the tensor plan, attention is not sharded
         override = distributed.tp_plan if isinstance(distributed.tp_plan, dict) else {}
         projections = [f"layers.*.self_attn.{name}_proj" for name in "qkv"]
-        if all(override.get(key, self.base_model_tp_plan.get(key)) != "colwise" for key in projections):
+        plan = self.base_model_tp_plan
+        styles = {override.get(f"model.{key}", override.get(key, plan.get(key))) for key in projections}
+        if "colwise" not in styles:
             return
         if self.num_attention_heads % tp_size or self.num_key_value_heads % tp_size:
             raise ValueError(
                 f"LLaDAMoEConfig: tp_size={tp_size} does not divide num_attention_heads={self.num_attention_heads} "
                 f"and num_key_value_heads={self.num_key_value_heads}; tensor parallelism gives each rank whole "
                 "attention heads. Use a tp_size that divides both, or pass DistributedConfig(tp_plan=...) with "
-                "'colwise_gather_output' for q/k/v_proj and 'rowwise_split_input' for o_proj (slower: every rank "
-                "then runs attention for all heads)."
+                "'colwise_gather_output' for 'model.layers.*.self_attn.{q,k,v}_proj' and 'rowwise_split_input' for "
+                "'model.layers.*.self_attn.o_proj' (slower: every rank then runs attention for all heads)."
             )
 
     @classmethod

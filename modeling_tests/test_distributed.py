@@ -239,7 +239,7 @@ def test_tp_size_must_divide_heads():
     config.distributed_config = DistributedConfig(tp_size=4)
     with pytest.raises(ValueError, match="tp_size=4 does not divide"):
         LLaDAMoEForDiffusionLM(config)
-    gathered = {f"layers.*.self_attn.{p}_proj": "colwise_gather_output" for p in "qkv"}
+    gathered = {f"model.layers.*.self_attn.{p}_proj": "colwise_gather_output" for p in "qkv"}
     config.distributed_config = DistributedConfig(tp_size=4, tp_plan=gathered)
     LLaDAMoEForDiffusionLM(config)  # heads gathered on every rank: any tp_size works
     config.distributed_config = DistributedConfig(tp_size=2)
