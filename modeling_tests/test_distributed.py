@@ -24,6 +24,7 @@ import distributed_workers as workers
 from conftest import FIXTURE_DIR, REPO_ROOT, tiny_config
 from test_cli_generate import tiny_tokenizer
 from llada_moe_hf import LLaDAMoEConfig, LLaDAMoEForDiffusionLM
+from llada_moe_hf import fused_moe_llada_moe as fused
 from llada_moe_hf.cli import main
 from llada_moe_hf.demo import TINY_ASSET_DIR
 from llada_moe_hf.distributed import make_distributed_config
@@ -42,6 +43,10 @@ if HAS_EP_IMPLEMENTATION or not HAS_EP_SIZE:  # < 5.19: the only expert parallel
     CHECKS.append("ep_all_reduce")
 if HAS_EP_SIZE:
     CHECKS.append("ep_all_to_all")
+if fused.is_fused_moe_available(torch.device("cpu")):  # Triton's interpreter (conftest sets TRITON_INTERPRET=1)
+    CHECKS.append("tp_fused_moe")
+    if HAS_EP_IMPLEMENTATION or not HAS_EP_SIZE:
+        CHECKS.append("ep_fused_moe")
 if PEFT_LORA_ON_SHARDS:
     CHECKS.append("fsdp_lora_grads")
     if TRAINER_FSDP2:
@@ -119,6 +124,19 @@ def test_tensor_and_expert_parallel_logits(group, golden, name, implementation):
         assert res["num_local_experts"] == 8 and res["local_shapes"]["gate_up_proj"] == (8, 64, 64)  # 8 whole experts
         if HAS_EP_IMPLEMENTATION:
             assert res["ep_implementation"] == implementation
+
+
+@pytest.mark.parametrize("name", ["tp_fused_moe", "ep_fused_moe"])
+def test_fused_moe_sharded_logits(group, golden, name):
+    """experts_implementation="fused_moe" (Triton interpreter) under TP, and under TP+EP where the experts get the
+    skipped-route id (all_reduce; the only expert parallelism before transformers 5.19)."""
+    for rank in (0, 1):
+        res = result(group, name, rank)
+        assert_golden_logits(res["logits"], golden)
+        if name == "ep_fused_moe":
+            assert res["num_local_experts"] == 8
+            if HAS_EP_IMPLEMENTATION:
+                assert res["ep_implementation"] == "AllReduceEP"
 
 
 def test_custom_code_tensor_parallel(group, golden):
@@ -264,3 +282,46 @@ def test_make_distributed_config_for_this_transformers():
         make_distributed_config(tp_size=2, ep_size=2, ep_implementation="nccl")
     with pytest.raises(ValueError, match="tp_size must be a positive integer"):
         make_distributed_config(tp_size=0)
+
+
+# ------------------------------------------------------------------------------- fused_moe with expert parallelism
+
+
+@pytest.mark.parametrize(
+    "local_experts, num_tokens, top_k, owned",
+    [
+        (4, 9, 3, range(4)),  # rank 0 of 2: global experts 0-3 of 8 here, routes to 4-7 skipped
+        (5, 11, 3, range(5, 10)),  # rank 1 of 2, odd sizes
+        (4, 6, 2, []),  # this rank owns none of the chosen experts: every route skipped
+    ],
+)
+def test_fused_moe_skips_routes_to_other_ranks(local_experts, num_tokens, top_k, owned):
+    """Under expert parallelism a route to another rank's expert reaches the experts as the id `num_experts` with
+    weight 0 (transformers' sentinel). fused_moe skips those routes: output and all four gradients equal the eager
+    experts' on the same routing (Triton interpreter on CPU)."""
+    from test_fused_moe import make_experts, random_routing, rel_err, run_both
+
+    if not fused.is_fused_moe_available(torch.device("cpu")):
+        pytest.skip("needs triton with TRITON_INTERPRET=1")
+    hidden, inter = 32, 24
+    experts = make_experts(local_experts, hidden, inter, top_k)
+    experts._is_expert_parallel = True  # what transformers' expert-parallel plan sets on the sharded experts
+    global_experts = 2 * local_experts
+    allowed = [e for e in range(global_experts) if e not in owned] if not owned else None
+    index, weights = random_routing(num_tokens, global_experts, top_k, seed=num_tokens, allowed=allowed)
+    owned = torch.tensor(list(owned), dtype=torch.long)
+    on_rank = torch.isin(index, owned)
+    local_index = torch.where(on_rank, index - (owned.min() if len(owned) else 0), local_experts)
+    local_weights = weights.masked_fill(~on_rank, 0.0)
+    assert (local_index == local_experts).any()
+    x = torch.randn(num_tokens, hidden, generator=torch.Generator().manual_seed(1))
+    if not on_rank.any():  # the eager experts return a constant zero here (no graph): compare with zeros
+        [(out, grads)] = run_both(experts, x, local_index, local_weights, impls=(fused.FUSED_MOE_NAME,))
+        assert out.abs().max() == 0
+        assert all(grad is not None and grad.abs().max() == 0 for grad in grads.values())
+        return
+    (ref, ref_grads), (out, grads) = run_both(experts, x, local_index, local_weights)
+    assert rel_err(out, ref) < 1e-5
+    for name, ref_grad in ref_grads.items():
+        assert torch.isfinite(grads[name]).all(), name
+        torch.testing.assert_close(grads[name], ref_grad, rtol=1e-5, atol=1e-6, msg=name)
