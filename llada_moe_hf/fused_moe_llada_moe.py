@@ -694,9 +694,10 @@ def fused_moe_experts_forward(
         hidden_states.shape[0], num_experts, hidden, two_i // 2, top_k_index.shape[1], hidden_states.device
     )
     config = _fit_to_dtype(config, gate_up_proj.dtype)
-    # Expert parallelism (transformers shards the experts and sets `_is_expert_parallel`): routes to another
-    # rank's experts arrive with the id `num_experts` and weight 0, and are skipped.
-    expert_parallel = bool(getattr(self, "_is_expert_parallel", False))
+    # Expert parallelism (this rank holds fewer experts than the config; transformers >= 5.19 also sets
+    # `_is_expert_parallel`): routes to another rank's experts arrive with the id `num_experts` and weight 0.
+    global_experts = getattr(getattr(self, "config", None), "num_experts", num_experts)
+    expert_parallel = bool(getattr(self, "_is_expert_parallel", False)) or num_experts < global_experts
     args = (
         hidden_states, top_k_weights.to(gate_up_proj.dtype), gate_up_proj, down_proj, top_k_index, config,
         expert_parallel,

@@ -287,6 +287,7 @@ def test_make_distributed_config_for_this_transformers():
 # ------------------------------------------------------------------------------- fused_moe with expert parallelism
 
 
+@pytest.mark.parametrize("flagged", [True, False], ids=["flagged", "fewer-experts-than-config"])
 @pytest.mark.parametrize(
     "local_experts, num_tokens, top_k, owned",
     [
@@ -295,7 +296,7 @@ def test_make_distributed_config_for_this_transformers():
         (4, 6, 2, []),  # this rank owns none of the chosen experts: every route skipped
     ],
 )
-def test_fused_moe_skips_routes_to_other_ranks(local_experts, num_tokens, top_k, owned):
+def test_fused_moe_skips_routes_to_other_ranks(local_experts, num_tokens, top_k, owned, flagged):
     """Under expert parallelism a route to another rank's expert reaches the experts as the id `num_experts` with
     weight 0 (transformers' sentinel). fused_moe skips those routes: output and all four gradients equal the eager
     experts' on the same routing (Triton interpreter on CPU)."""
@@ -305,7 +306,10 @@ def test_fused_moe_skips_routes_to_other_ranks(local_experts, num_tokens, top_k,
         pytest.skip("needs triton with TRITON_INTERPRET=1")
     hidden, inter = 32, 24
     experts = make_experts(local_experts, hidden, inter, top_k)
-    experts._is_expert_parallel = True  # what transformers' expert-parallel plan sets on the sharded experts
+    if flagged:  # what transformers >= 5.19 sets on experts sharded by its expert-parallel plan
+        experts._is_expert_parallel = True
+    else:  # transformers < 5.19 sets no flag: the module holds fewer experts than the config counts
+        experts.config.num_experts = 2 * local_experts
     global_experts = 2 * local_experts
     allowed = [e for e in range(global_experts) if e not in owned] if not owned else None
     index, weights = random_routing(num_tokens, global_experts, top_k, seed=num_tokens, allowed=allowed)
