@@ -83,6 +83,7 @@ def worker(rank, world_size, port, folder, args, out_file):
         for name, plan in PLANS.items()
     }
     reference = LLaDAMoEForDiffusionLM.from_pretrained(folder) if rank == 0 else None
+    collectives = {name: count_collectives(model, args) for name, model in models.items()}
     rows = []
     for tokens in args.tokens:
         ids = torch.randint(3, args.vocab, (1, tokens), generator=torch.Generator().manual_seed(tokens))
@@ -108,12 +109,22 @@ def worker(rank, world_size, port, folder, args, out_file):
                 "tokens": tokens,
                 "mode": mode,
                 "median_ms": {name: statistics.median(t) * 1e3 for name, t in samples.items()},
+                "min_ms": {name: min(t) * 1e3 for name, t in samples.items()},
                 "samples_ms": {name: [x * 1e3 for x in t] for name, t in samples.items()},
                 "max_abs_diff_vs_one_process": errors or None,
             })
     if rank == 0:
-        Path(out_file).write_text(json.dumps(rows))
+        Path(out_file).write_text(json.dumps({"rows": rows, "collectives_per_forward": collectives}))
     dist.destroy_process_group()
+
+
+def count_collectives(model, args) -> dict:
+    """gloo collectives one forward launches (noise-free, unlike the timings), from the profiler's events."""
+    ids = torch.randint(3, args.vocab, (1, 16), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad(), torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as profile:
+        model(ids)
+    names = [event.name for event in profile.events()]
+    return {kind: names.count(f"gloo:{kind}") for kind in ("all_gather", "all_reduce")}
 
 
 def timed_step(model, ids, labels, mode) -> float:
@@ -181,9 +192,11 @@ def main(argv=None):
         out_file = Path(tmp) / "rows.json"
         mp.spawn(worker, args=(args.world_size, free_port(), str(folder), args, str(out_file)),
                  nprocs=args.world_size)
-        rows = json.loads(out_file.read_text())
+        measured = json.loads(out_file.read_text())
+    rows = measured["rows"]
     for row in rows:
         row["gather_over_local"] = row["median_ms"]["gather"] / row["median_ms"]["local"]
+        row["gather_over_local_min"] = row["min_ms"]["gather"] / row["min_ms"]["local"]
 
     shapes = {key: getattr(args, key) for key in
               ("layers", "hidden", "heads", "experts", "expert_width", "top_k", "vocab")}
@@ -201,19 +214,24 @@ def main(argv=None):
         "plans": PLANS,
         "repeats": args.repeats,
         "statistic": "median over repeats of the slowest rank's wall time per step, plans interleaved",
+        "collectives_per_forward": measured["collectives_per_forward"],
         "rows": rows,
     }
     print(f"# tensor-parallel attention plans, {args.world_size} CPU processes (gloo), {args.threads} thread(s) each, "
           f"float32, {shapes}")
     print(f"# {result['machine']}, load average before/after {result['load_average_before_after']}")
-    header = f"{'tokens':>6} | {'mode':<16} | {'gather ms':>9} | {'local ms':>8} | gather/local | max |Δ| vs 1 process"
+    header = (f"{'tokens':>6} | {'mode':<16} | {'gather ms':>9} | {'local ms':>8} | gather/local | (of minima) | "
+              "max |Δ| vs 1 process")
     print(header)
     print("-" * len(header))
     for row in rows:
         median, diff = row["median_ms"], row["max_abs_diff_vs_one_process"]
         diff_text = f"gather {diff['gather']:.1e}, local {diff['local']:.1e}" if diff else "-"
         print(f"{row['tokens']:>6} | {row['mode']:<16} | {median['gather']:>9.1f} | {median['local']:>8.1f} | "
-              f"{row['gather_over_local']:>11.2f}x | {diff_text}")
+              f"{row['gather_over_local']:>11.2f}x | {row['gather_over_local_min']:>10.2f}x | {diff_text}")
+    for name, counts in measured["collectives_per_forward"].items():
+        print(f"{name}: {counts['all_gather']} all-gathers and {counts['all_reduce']} all-reduces per forward "
+              f"({args.layers} layers)")
     if args.out:
         Path(args.out).parent.mkdir(parents=True, exist_ok=True)
         Path(args.out).write_text(json.dumps(result, indent=2) + "\n")

@@ -140,7 +140,7 @@ def load_model_and_tokenizer(args, dtype):
 
     if (TINY_ASSET_DIR / "config.json").is_file():
         print(f"[tiny] using the package's embedded tiny model: {TINY_ASSET_DIR}")
-        tokenizer = AutoTokenizer.from_pretrained(TINY_ASSET_DIR)
+        tokenizer = AutoTokenizer.from_pretrained(TINY_ASSET_DIR, trust_remote_code=False)  # no prompt: no code
         model = LLaDAMoEForDiffusionLM.from_pretrained(TINY_ASSET_DIR, dtype=dtype, **parallel_load_kwargs(args))
         return model, tokenizer, str(TINY_ASSET_DIR)
     return build_tiny_random(args, dtype, Path(args.output_dir) / "tiny-random-base")
