@@ -19,7 +19,7 @@ import torch
 from transformers import AutoTokenizer
 
 from llada_moe_hf import LLaDAMoEForDiffusionLM
-from llada_moe_hf.chat import stop_token_ids
+from llada_moe_hf.chat import encode_chat, stop_token_ids
 from llada_moe_hf.distributed import (
     EP_IMPLEMENTATIONS, init_distributed, is_main_process, launched_distributed, make_distributed_config,
     silence_other_ranks, world_size,
@@ -56,9 +56,8 @@ def main(argv=None):
     dtype = "auto" if args.dtype == "auto" else getattr(torch, args.dtype)
     model = LLaDAMoEForDiffusionLM.from_pretrained(args.model, dtype=dtype, distributed_config=parallel).eval()
     tokenizer = AutoTokenizer.from_pretrained(args.model, trust_remote_code=False)
-    messages = [{"role": "user", "content": args.prompt}]
-    input_ids = tokenizer.apply_chat_template(messages, add_generation_prompt=True, return_tensors="pt")
-    input_ids = input_ids.to(model.device)
+    prompt_ids = encode_chat(tokenizer, [{"role": "user", "content": args.prompt}])
+    input_ids = torch.tensor([prompt_ids], device=model.device)
     output = model.generate(
         input_ids, max_new_tokens=args.max_new_tokens, block_length=args.block_length, threshold=args.threshold,
         cache_mode=args.cache_mode, eos_token_id=stop_token_ids(tokenizer, model.config),

@@ -9,6 +9,10 @@
         --output-dir lora-7b --epochs 3 --batch-size 4 --grad-accum 8 --max-length 1024 \\
         --lr 1e-4 --gradient-checkpointing
 
+    # several processes: data parallel (a whole copy each), or FSDP2 with --fsdp (base weights sharded)
+    torchrun --nproc-per-node 8 examples/finetune_lora.py --model ... --data my.jsonl --output-dir lora-7b --fsdp
+    accelerate launch --multi_gpu --num_processes 8 examples/finetune_lora.py ... --fsdp
+
 Each jsonl line is {"prompt": "...", "response": "..."}. Examples are formatted with the model's chat template
 (the package's CHAT_TEMPLATE when the tokenizer has none) and noised by LLaDAMoEDataCollator in SFT mode: only
 the response (with its end-of-turn, EOS and EOS padding) is masked, one ratio t per sequence, loss weighted by
@@ -78,7 +82,7 @@ def setup_launch(args):
     """Under torchrun / accelerate launch: join the process group and keep every rank but 0 quiet."""
     if args.fsdp and not launched_distributed():
         raise SystemExit("--fsdp shards the model over several processes: launch with torchrun --nproc-per-node N "
-                         "(or accelerate launch --num_processes N).")
+                         "(or accelerate launch --multi_gpu --num_processes N).")
     if launched_distributed():
         init_distributed()
         silence_other_ranks()

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import argparse
 import atexit
+import faulthandler
 import os
 import random
 import sys
@@ -103,7 +104,8 @@ def shared_seed(seed: int | None) -> int | None:
 
 def silence_other_ranks():
     """Send the standard output and error of every rank but 0 to /dev/null (prints, warnings, progress bars,
-    C++ messages), so that a command prints once. An uncaught exception is still shown, prefixed with its rank."""
+    C++ messages), so that a command prints once. An uncaught exception is still shown, prefixed with its rank,
+    and so is the Python stack of a crash."""
     if not launched_distributed() or is_main_process():
         return
     sys.stdout.flush()
@@ -123,6 +125,7 @@ def silence_other_ranks():
         error_stream.flush()
 
     sys.excepthook = excepthook
+    faulthandler.enable(file=error_stream, all_threads=True)  # a crash (abort, segfault) shows its Python stack
 
 
 def make_distributed_config(tp_size: int = 1, ep_size: int = 1, fsdp_size: int = 1, ep_implementation: str = "auto"):
