@@ -33,6 +33,7 @@ def parse_args(argv=None):
     parser.add_argument("--ep-size", type=int, default=1, help="1, or the number of processes (whole experts)")
     parser.add_argument("--ep-implementation", default="auto", choices=EP_IMPLEMENTATIONS)
     parser.add_argument("--dtype", default="auto", choices=["auto", "bfloat16", "float32"])
+    parser.add_argument("--experts-implementation", default=None, help="eager, grouped_mm (default) or fused_moe")
     parser.add_argument("--max-new-tokens", type=int, default=16)
     parser.add_argument("--block-length", type=int, default=8)
     parser.add_argument("--threshold", type=float, default=None)
@@ -54,7 +55,9 @@ def main(argv=None):
         tp_size=world_size(), ep_size=args.ep_size, ep_implementation=args.ep_implementation
     )
     dtype = "auto" if args.dtype == "auto" else getattr(torch, args.dtype)
-    model = LLaDAMoEForDiffusionLM.from_pretrained(args.model, dtype=dtype, distributed_config=parallel).eval()
+    model = LLaDAMoEForDiffusionLM.from_pretrained(
+        args.model, dtype=dtype, distributed_config=parallel, experts_implementation=args.experts_implementation
+    ).eval()
     tokenizer = AutoTokenizer.from_pretrained(args.model, trust_remote_code=False)
     prompt_ids = encode_chat(tokenizer, [{"role": "user", "content": args.prompt}])
     input_ids = torch.tensor([prompt_ids], device=model.device)

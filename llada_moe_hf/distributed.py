@@ -184,11 +184,11 @@ def setup_cli(args):
     """Under torchrun: join the process group, keep the other ranks quiet, share the sampling seed and check
     --tp-size / --ep-size / --device. On one process, only refuses sizes above 1."""
     if not launched_distributed():
-        if (args.tp_size or 1) > 1 or args.ep_size > 1:
-            size = max(args.tp_size or 1, args.ep_size)
+        size = max(getattr(args, "tp_size", None) or 1, getattr(args, "ep_size", 1))
+        if size > 1:
             raise SystemExit(
                 f"error: --tp-size/--ep-size above 1 need several processes: torchrun --nproc-per-node {size} "
-                f"-m llada_moe_hf.cli {' '.join(sys.argv[1:2])} ..."
+                f"-m llada_moe_hf.cli {getattr(args, 'command', None) or 'generate'} ..."
             )
         return
     init_distributed()
@@ -200,24 +200,28 @@ def setup_cli(args):
 
 def cli_distributed_config(args):
     world = world_size()
-    tp_size = args.tp_size if args.tp_size is not None else world
+    tp_size = getattr(args, "tp_size", None) or world
+    ep_size = getattr(args, "ep_size", 1)
     if tp_size != world:
         raise SystemExit(
             f"error: --tp-size {tp_size} but torchrun started {world} processes: generation shards the model over "
             f"all of them (use --tp-size {world}, or torchrun --nproc-per-node {tp_size})."
         )
-    if args.ep_size not in (1, tp_size):
+    if ep_size not in (1, tp_size):
         raise SystemExit(
-            f"error: --ep-size {args.ep_size}: use 1 (experts split by tensor parallelism) or {tp_size} (= --tp-size: "
+            f"error: --ep-size {ep_size}: use 1 (experts split by tensor parallelism) or {tp_size} (= --tp-size: "
             "each rank holds whole experts)."
         )
-    if getattr(args, "device", "auto") not in ("auto", "cuda"):
+    import torch
+
+    device = getattr(args, "device", "auto")
+    if device not in ("auto", "cuda" if torch.cuda.is_available() else "cpu"):
         raise SystemExit(
-            f"error: --device {args.device} under torchrun: each rank uses cuda:LOCAL_RANK when CUDA is available, "
+            f"error: --device {device} under torchrun: each rank uses cuda:LOCAL_RANK when CUDA is available, "
             "else the CPU (leave --device at auto; CUDA_VISIBLE_DEVICES='' runs CPU processes)."
         )
     try:
-        return make_distributed_config(tp_size=tp_size, ep_size=args.ep_size)
+        return make_distributed_config(tp_size=tp_size, ep_size=ep_size)
     except ValueError as err:
         raise SystemExit(f"error: {err}")
 

@@ -103,6 +103,7 @@ def assert_golden_logits(logits, golden):
 # ------------------------------------------------------------------------------------------ inference
 
 
+@pytest.mark.slow  # shares one 2-process group (about 30 s on 2 cores)
 @pytest.mark.parametrize("rank", [0, 1])
 def test_tensor_parallel_logits_and_generation(group, golden, rank):
     res = result(group, "tp", rank)
@@ -115,6 +116,7 @@ def test_tensor_parallel_logits_and_generation(group, golden, rank):
     assert res["local_shapes"]["gate_up_proj"] == (16, 32, 64)  # every expert, half its width
 
 
+@pytest.mark.slow  # shares one 2-process group (about 30 s on 2 cores)
 @pytest.mark.parametrize("name, implementation", [("ep_all_reduce", "AllReduceEP"), ("ep_all_to_all", "AllToAllEP")])
 def test_tensor_and_expert_parallel_logits(group, golden, name, implementation):
     for rank in (0, 1):
@@ -126,6 +128,7 @@ def test_tensor_and_expert_parallel_logits(group, golden, name, implementation):
             assert res["ep_implementation"] == implementation
 
 
+@pytest.mark.slow  # shares one 2-process group (about 30 s on 2 cores)
 @pytest.mark.parametrize("name", ["tp_fused_moe", "ep_fused_moe"])
 def test_fused_moe_sharded_logits(group, golden, name):
     """experts_implementation="fused_moe" (Triton interpreter) under TP, and under TP+EP where the experts get the
@@ -139,6 +142,7 @@ def test_fused_moe_sharded_logits(group, golden, name):
                 assert res["ep_implementation"] == "AllReduceEP"
 
 
+@pytest.mark.slow  # shares one 2-process group (about 30 s on 2 cores)
 def test_custom_code_tensor_parallel(group, golden):
     """A converted repo loaded with plain transformers (trust_remote_code, the package never imported)."""
     for rank in (0, 1):
@@ -152,6 +156,7 @@ def test_custom_code_tensor_parallel(group, golden):
 # ------------------------------------------------------------------------------------------- training
 
 
+@pytest.mark.slow  # shares one 2-process group (about 30 s on 2 cores)
 def test_tensor_parallel_gradients(group):
     """Every parameter's gradient under TP equals one process's, the shared qk-norm weights included (each rank
     sees only its heads: without the gradient all-reduce of the plan they would be partial)."""
@@ -167,6 +172,7 @@ def test_tensor_parallel_gradients(group):
     assert any("q_norm" in name for name in res["grads"])
 
 
+@pytest.mark.slow  # shares one 2-process group (about 30 s on 2 cores)
 def test_fsdp2_lora_gradients(group):
     """FSDP2 over 2 ranks, LoRA on attention and experts, each rank on half the batch: the averaged LoRA gradients
     equal one process's on the whole batch."""
@@ -184,6 +190,7 @@ def test_fsdp2_lora_gradients(group):
         torch.testing.assert_close(res["grads"][name], grad, rtol=1e-4, atol=1e-6, msg=name)
 
 
+@pytest.mark.slow  # shares one 2-process group (about 30 s on 2 cores)
 @pytest.mark.parametrize("mode", ["finetune_ddp", "finetune_fsdp"])
 def test_finetune_script_checkpoints_reload_on_one_process(group, tmp_path, mode):
     """examples/finetune_lora.py under a 2-process launch (data parallel, then FSDP2): the adapter and a checkpoint
@@ -202,6 +209,7 @@ def test_finetune_script_checkpoints_reload_on_one_process(group, tmp_path, mode
     assert not list(folder.glob(".adapter.*"))  # no staging folder left
 
 
+@pytest.mark.slow  # shares one 2-process group (about 30 s on 2 cores)
 def test_chat_reads_on_rank_zero_and_prints_once(group, cli_model_dir, monkeypatch, capsys):
     monkeypatch.setattr(sys, "stdin", io.StringIO(workers.CHAT_INPUT))
     assert main(["chat", str(cli_model_dir), *workers.CHAT_ARGS]) == 0
@@ -224,6 +232,7 @@ def torchrun(*args, timeout=240):
     return subprocess.run(command, capture_output=True, text=True, env=env, timeout=timeout, stdin=subprocess.DEVNULL)
 
 
+@pytest.mark.slow  # a real torchrun (about 15 s on 2 cores)
 def test_generate_under_torchrun_prints_once(cli_model_dir, capsys):
     args = ["generate", str(cli_model_dir), "--chat", "--prompt", "w10 w11 w12", "--max-new-tokens", "16",
             "--block-length", "8", "--no-stream", "--stats"]
@@ -329,3 +338,21 @@ def test_fused_moe_skips_routes_to_other_ranks(local_experts, num_tokens, top_k,
     for name, ref_grad in ref_grads.items():
         assert torch.isfinite(grads[name]).all(), name
         torch.testing.assert_close(grads[name], ref_grad, rtol=1e-5, atol=1e-6, msg=name)
+
+
+def test_cli_sizes_under_torchrun_are_checked(monkeypatch):
+    """What `generate` / `chat` accept under a 2-process torchrun (the environment is enough: no group is needed)."""
+    import argparse
+
+    from llada_moe_hf.distributed import cli_distributed_config
+
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    monkeypatch.setenv("RANK", "0")
+    args = argparse.Namespace(tp_size=None, ep_size=1, device="auto")
+    assert cli_distributed_config(args).tp_size == 2  # tensor parallel over every process by default
+    args.ep_size = 2
+    assert cli_distributed_config(args).tp_size == 2
+    for bad, message in ((dict(tp_size=3), "--tp-size 3 but torchrun started 2"), (dict(ep_size=4), "--ep-size 4"),
+                         (dict(device="cuda:1"), "--device cuda:1 under torchrun")):
+        with pytest.raises(SystemExit, match=message):
+            cli_distributed_config(argparse.Namespace(**{**vars(args), **bad}))
