@@ -9,6 +9,10 @@
         --output-dir lora-7b --epochs 3 --batch-size 4 --grad-accum 8 --max-length 1024 \\
         --lr 1e-4 --gradient-checkpointing
 
+    # several processes: data parallel (a whole copy each), or FSDP2 with --fsdp (base weights sharded)
+    torchrun --nproc-per-node 8 examples/finetune_lora.py --model ... --data my.jsonl --output-dir lora-7b --fsdp
+    accelerate launch --multi_gpu --num_processes 8 examples/finetune_lora.py ... --fsdp
+
 Each jsonl line is {"prompt": "...", "response": "..."}. Examples are formatted with the model's chat template
 (the package's CHAT_TEMPLATE when the tokenizer has none) and noised by LLaDAMoEDataCollator in SFT mode: only
 the response (with its end-of-turn, EOS and EOS padding) is masked, one ratio t per sequence, loss weighted by
@@ -37,7 +41,12 @@ import torch
 from transformers import AutoModel, AutoTokenizer, Trainer, TrainingArguments
 
 from llada_moe_hf import LLaDAMoEConfig, LLaDAMoEForDiffusionLM
+from llada_moe_hf.distributed import (
+    init_distributed, is_main_process, launched_distributed, make_distributed_config, run_on_main_process,
+    silence_other_ranks, world_size,
+)
 from llada_moe_hf.lora import default_lora_config, get_lora_model
+from llada_moe_hf.staging import normalize_permissions
 from llada_moe_hf.training_llada_moe import LLaDAMoEDataCollator, tokenize_sft_example
 
 
@@ -72,7 +81,43 @@ def parse_args(argv=None):
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--trust-remote-code", action="store_true",
                         help="load --model as custom code instead of with this package")
+    parser.add_argument("--fsdp", action="store_true",
+                        help="under torchrun / accelerate launch: FSDP2 shards the base model over the processes "
+                        "(default: data parallel, a full copy per process)")
     return parser.parse_args(argv)
+
+
+def setup_launch(args):
+    """Under torchrun / accelerate launch: join the process group and keep every rank but 0 quiet."""
+    if args.fsdp and not launched_distributed():
+        raise SystemExit("--fsdp shards the model over several processes: launch with torchrun --nproc-per-node N "
+                         "(or accelerate launch --multi_gpu --num_processes N).")
+    if launched_distributed():
+        init_distributed()
+        silence_other_ranks()
+
+
+def parallel_load_kwargs(args) -> dict:
+    """from_pretrained arguments for --fsdp: transformers' FSDP2 shards the base weights over the processes; the
+    LoRA weights added afterwards stay whole on each rank and Trainer averages their gradients."""
+    if not args.fsdp:
+        return {}
+    import peft
+    import transformers
+    from packaging.version import Version
+
+    # Trainer on a model sharded at load time (5.19 aborts); LoRA on FSDP2 weight shards (older PEFT fails).
+    if Version(transformers.__version__) < Version("5.20") or Version(peft.__version__) < Version("0.21"):
+        raise SystemExit(f"--fsdp needs transformers >= 5.20 and peft >= 0.21 (installed: {transformers.__version__}, "
+                         f"{peft.__version__}): pip install -U 'transformers>=5.20' 'peft>=0.21', or train data "
+                         "parallel without --fsdp.")
+    return {"distributed_config": make_distributed_config(fsdp_size=world_size())}
+
+
+def parallel_training_args(args) -> dict:
+    """TrainingArguments for the launch (Trainer itself runs data parallel under torchrun)."""
+    # Trainer cannot checkpoint the optimizer of a model sharded at load time: checkpoints hold the adapter.
+    return {"save_only_model": True} if args.fsdp else {}
 
 
 def read_jsonl(path: Path) -> list[dict]:
@@ -98,7 +143,7 @@ def load_model_and_tokenizer(args, dtype):
     if args.model:
         # No tokenizer code: the release's config.json has an auto_map, which would prompt for remote code.
         tokenizer = AutoTokenizer.from_pretrained(args.model, trust_remote_code=False)
-        kwargs = dict(dtype=dtype, experts_implementation=args.experts_implementation)
+        kwargs = dict(dtype=dtype, experts_implementation=args.experts_implementation, **parallel_load_kwargs(args))
         if args.trust_remote_code:
             model = AutoModel.from_pretrained(args.model, trust_remote_code=True, **kwargs)
         else:
@@ -109,8 +154,8 @@ def load_model_and_tokenizer(args, dtype):
 
     if (TINY_ASSET_DIR / "config.json").is_file():
         print(f"[tiny] using the package's embedded tiny model: {TINY_ASSET_DIR}")
-        tokenizer = AutoTokenizer.from_pretrained(TINY_ASSET_DIR, trust_remote_code=False)
-        model = LLaDAMoEForDiffusionLM.from_pretrained(TINY_ASSET_DIR, dtype=dtype)
+        tokenizer = AutoTokenizer.from_pretrained(TINY_ASSET_DIR, trust_remote_code=False)  # no prompt: no code
+        model = LLaDAMoEForDiffusionLM.from_pretrained(TINY_ASSET_DIR, dtype=dtype, **parallel_load_kwargs(args))
         return model, tokenizer, str(TINY_ASSET_DIR)
     return build_tiny_random(args, dtype, Path(args.output_dir) / "tiny-random-base")
 
@@ -132,7 +177,7 @@ def build_tiny_random(args, dtype, folder: Path):
     tokenizer.save_pretrained(folder)
     print(f"[tiny] NOTE: built a TINY RANDOM model + tokenizer in {folder} (the embedded tiny model is not "
           "installed); this run shows the pipeline, not a useful model.")
-    model = LLaDAMoEForDiffusionLM.from_pretrained(folder, dtype=dtype)
+    model = LLaDAMoEForDiffusionLM.from_pretrained(folder, dtype=dtype, **parallel_load_kwargs(args))
     return model, tokenizer, str(folder)
 
 
@@ -148,6 +193,13 @@ def check_output_dir(path: Path, overwrite: bool):
     if path.exists() and any(path.iterdir()) and not overwrite:
         raise SystemExit(f"--output-dir {path} is not empty; pass --overwrite-output-dir to write into it anyway.")
     path.mkdir(parents=True, exist_ok=True)
+
+
+def move_into_place(staging: Path, final: Path):
+    normalize_permissions(staging)  # mkdtemp and save_pretrained create 0700 / 0600
+    if final.exists():
+        shutil.rmtree(final)
+    staging.rename(final)
 
 
 def pick_dtype(name):
@@ -209,6 +261,7 @@ def build_trainer(args, model, features, collator, output_dir, tiny, dtype):
         dataloader_num_workers=0,
         # only when asked: the argument is deprecated (renamed) in recent transformers
         **({"gradient_checkpointing": True} if args.gradient_checkpointing else {}),
+        **parallel_training_args(args),
     )
     return Trainer(model=model, args=training_args, train_dataset=features, data_collator=collator)
 
@@ -216,11 +269,10 @@ def build_trainer(args, model, features, collator, output_dir, tiny, dtype):
 def save_adapter(model, output_dir: Path) -> Path:
     """Write the adapter beside its destination, then move it into place."""
     final = output_dir / "adapter"
-    staging = Path(tempfile.mkdtemp(prefix=".adapter.", dir=output_dir))
-    model.save_pretrained(staging)
-    if final.exists():
-        shutil.rmtree(final)
-    staging.rename(final)
+    staging = Path(run_on_main_process(lambda: tempfile.mkdtemp(prefix=".adapter.", dir=output_dir)))
+    # Every rank takes part (a sharded model gathers its tensors); rank 0 writes.
+    model.save_pretrained(staging, is_main_process=is_main_process())
+    run_on_main_process(lambda: move_into_place(staging, final))
     return final
 
 
@@ -235,8 +287,9 @@ def print_summary(base_name, loss, accuracy, count):
 
 def main(argv=None):
     args = parse_args(argv)
+    setup_launch(args)
     output_dir = Path(args.output_dir)
-    check_output_dir(output_dir, args.overwrite_output_dir)
+    run_on_main_process(lambda: check_output_dir(output_dir, args.overwrite_output_dir))
     dtype = pick_dtype(args.dtype)
     model, tokenizer, base_name = load_model_and_tokenizer(args, dtype)
     tiny = args.model is None

@@ -19,6 +19,7 @@ from .cli_generate import (
     run_generation,
     use_stream,
 )
+from .distributed import read_on_main_process, setup_cli
 
 
 PROMPT = "> "
@@ -114,6 +115,7 @@ def answer(model, tokenizer, conversation: Conversation, text: str, kwargs: dict
 
 
 def run(args) -> int:
+    setup_cli(args)  # under torchrun: process group, quiet ranks > 0, one sampling seed
     try:
         model, tokenizer = load_model_and_tokenizer(args)
         kwargs = generation_kwargs(args, model, tokenizer)
@@ -125,7 +127,8 @@ def run(args) -> int:
     if sys.stdin.isatty():
         print("Chat with LLaDA-MoE. /help lists the commands, /exit quits.")
     while True:
-        line = read_message()  # Ctrl-C here ends the chat (exit code 130, see cli.main)
+        # Ctrl-C here ends the chat (exit code 130, see cli.main). Under torchrun rank 0 reads, every rank gets it.
+        line = read_on_main_process(read_message)
         if line is None:
             return 0
         handled = handle_command(line, conversation)

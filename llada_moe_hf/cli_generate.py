@@ -24,6 +24,7 @@ from .cli_common import (
     plural,
     resolve_device,
 )
+from .distributed import add_distributed_arguments, from_pretrained_kwargs, read_on_main_process, setup_cli
 
 
 STORED = "the checkpoint's generation_config.json, else"  # how every sampling default is resolved
@@ -35,6 +36,7 @@ def add_model_arguments(parser: argparse.ArgumentParser):
     parser.add_argument("model", help="checkpoint directory or Hub id (e.g. inclusionAI/LLaDA-MoE-7B-A1B-Instruct)")
     parser.add_argument("--tokenizer", default=None, help="tokenizer directory or Hub id (default: MODEL)")
     add_runtime_arguments(parser)
+    add_distributed_arguments(parser)
 
 
 def add_sampling_arguments(parser: argparse.ArgumentParser):
@@ -105,11 +107,14 @@ def load_model_and_tokenizer(args):
     tokenizer = load_tokenizer(source, args.tokenizer)
     device = resolve_device(args.device)
     try:
-        model = LLaDAMoEForDiffusionLM.from_pretrained(source, **loading_kwargs(args))
+        sharded = from_pretrained_kwargs(args)  # under torchrun: tensor/expert parallel over the processes
+        model = LLaDAMoEForDiffusionLM.from_pretrained(source, **loading_kwargs(args), **sharded)
     except OSError as err:
         raise ValueError(f"could not load the model from {source!r}: {err}") from None
+    if not sharded:
+        model = model.to(device)
     ensure_chat_template(tokenizer)
-    return model.to(device).eval(), tokenizer
+    return model.eval(), tokenizer
 
 
 def check_local_checkpoint(source: str):
@@ -211,7 +216,8 @@ def use_stream(args) -> bool:
 
 
 def run(args) -> int:
-    prompt = read_prompt(args)
+    setup_cli(args)  # under torchrun: process group, quiet ranks > 0, one sampling seed
+    prompt = read_on_main_process(lambda: read_prompt(args))
     if not prompt.strip():
         print("error: empty prompt (pass --prompt TEXT or pipe text on standard input).", file=sys.stderr)
         return 2

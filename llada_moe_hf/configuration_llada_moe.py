@@ -6,6 +6,7 @@ This file travels to the Hub as custom code: keep it flat, with single-level rel
 
 from transformers.activations import ACT2FN
 from transformers.configuration_utils import PreTrainedConfig
+from transformers.distributed.configuration_utils import DistributedConfig
 from transformers.utils import logging
 
 
@@ -52,11 +53,16 @@ class LLaDAMoEConfig(PreTrainedConfig):
     keys_to_ignore_at_inference = ["past_key_values"]
     attribute_map = {"num_local_experts": "num_experts"}
 
+    # Column sharding by heads keeps whole heads on each rank (tp_size must divide both head counts, checked at
+    # model build). qk-norm has one weight of size head_dim shared by all heads, so it runs on the local heads;
+    # under training its gradient covers only those heads and is summed over the ranks.
     base_model_tp_plan = {
-        "layers.*.self_attn.q_proj": "colwise_gather_output",  # qk-norm needs whole heads gathered
-        "layers.*.self_attn.k_proj": "colwise_gather_output",
-        "layers.*.self_attn.v_proj": "colwise_gather_output",
-        "layers.*.self_attn.o_proj": "rowwise_split_input",
+        "layers.*.self_attn.q_proj": "colwise",
+        "layers.*.self_attn.k_proj": "colwise",
+        "layers.*.self_attn.v_proj": "colwise",
+        "layers.*.self_attn.q_norm": "replicated_with_grad_allreduce",
+        "layers.*.self_attn.k_norm": "replicated_with_grad_allreduce",
+        "layers.*.self_attn.o_proj": "rowwise",
         "layers.*.mlp.experts.gate_up_proj": "packed_colwise",
         "layers.*.mlp.experts.down_proj": "rowwise",
         "layers.*.mlp.experts": "moe_tp_experts",
@@ -66,6 +72,15 @@ class LLaDAMoEConfig(PreTrainedConfig):
         "layers.*.mlp.experts.down_proj": "grouped_gemm",
         "layers.*.mlp.experts": "ep_dispatch_experts",
     }
+    if "ep_size" not in DistributedConfig.__dataclass_fields__:
+        # transformers < 5.19 (`enable_expert_parallel=True`) has no token dispatch: the router masks the other
+        # ranks' experts and their outputs are summed.
+        base_model_ep_plan = {
+            "layers.*.mlp.gate": "ep_router",
+            "layers.*.mlp.experts.gate_up_proj": "grouped_gemm",
+            "layers.*.mlp.experts.down_proj": "grouped_gemm",
+            "layers.*.mlp.experts": "moe_tp_experts",
+        }
 
     vocab_size: int = 157184
     hidden_size: int = 2048
@@ -176,10 +191,35 @@ class LLaDAMoEConfig(PreTrainedConfig):
             for token_id in ids:
                 if token_id is not None and not 0 <= int(token_id) < self.vocab_size:
                     fail(field, f"id {token_id} is outside the vocabulary [0, {self.vocab_size}).")
+        self.validate_tensor_parallel_heads()
         if self.moe_router_score_function not in (None, "softmax"):
             logger.warning_once(
                 f"moe_router_score_function={self.moe_router_score_function!r} is ignored: the original LLaDA-MoE "
                 "code always routes with a softmax, and so does this package."
+            )
+
+    def validate_tensor_parallel_heads(self):
+        """Under `DistributedConfig(tp_size=N)` the default plan shards q/k/v by heads: a tp_size that does not
+        divide the head counts would cut heads in two and give wrong attention without any error."""
+        distributed = getattr(self, "distributed_config", None)
+        tp_size = getattr(distributed, "tp_size", None) or 1
+        if tp_size <= 1 or distributed.tp_plan == {}:  # an empty plan shards nothing
+            return
+        if getattr(distributed, "enable_expert_parallel", False) and not hasattr(distributed, "ep_size"):
+            return  # transformers < 5.19: the expert plan replaces the tensor plan, attention is not sharded
+        override = distributed.tp_plan if isinstance(distributed.tp_plan, dict) else {}
+        projections = [f"layers.*.self_attn.{name}_proj" for name in "qkv"]
+        plan = self.base_model_tp_plan
+        styles = {override.get(f"model.{key}", override.get(key, plan.get(key))) for key in projections}
+        if "colwise" not in styles:
+            return
+        if self.num_attention_heads % tp_size or self.num_key_value_heads % tp_size:
+            raise ValueError(
+                f"LLaDAMoEConfig: tp_size={tp_size} does not divide num_attention_heads={self.num_attention_heads} "
+                f"and num_key_value_heads={self.num_key_value_heads}; tensor parallelism gives each rank whole "
+                "attention heads. Use a tp_size that divides both, or pass DistributedConfig(tp_plan=...) with "
+                "'colwise_gather_output' for 'model.layers.*.self_attn.{q,k,v}_proj' and 'rowwise_split_input' for "
+                "'model.layers.*.self_attn.o_proj' (slower: every rank then runs attention for all heads)."
             )
 
     @classmethod

@@ -490,10 +490,11 @@ def _launch_gate_up(x, gate_up, sorted_ids, block_expert, top_k, config, store_g
     return h, (gu if store_gate_up else None)
 
 
-def _launch_down(h, down, routing, sorted_ids, block_expert, num_pairs, config):
+def _launch_down(h, down, routing, sorted_ids, block_expert, num_pairs, config, zero_fill=False):
     num_experts, hidden, inter = down.shape
     num_blocks = block_expert.numel()
-    y = torch.empty(num_pairs, hidden, dtype=h.dtype, device=h.device)
+    # zero_fill: the rows of skipped pairs (expert parallelism) are never written and must read as zeros.
+    y = (torch.zeros if zero_fill else torch.empty)(num_pairs, hidden, dtype=h.dtype, device=h.device)
     tiles = config["down"]
     grid = (num_blocks * triton.cdiv(hidden, tiles["BLOCK_N"]),)
     launch = {k: v for k, v in tiles.items() if k in ("num_warps", "num_stages")}
@@ -578,20 +579,29 @@ def _swiglu_backward(gu: torch.Tensor, grad_act: torch.Tensor, w_rows: torch.Ten
 # ----------------------------------------------------------------------------------------------- autograd
 
 
-def _fused_forward(hidden_states, top_k_weights, gate_up_proj, down_proj, top_k_index, config, keep_for_backward):
-    """The forward launches; returns the output and, with `keep_for_backward`, what the backward needs."""
+def _fused_forward(
+    hidden_states, top_k_weights, gate_up_proj, down_proj, top_k_index, config, expert_parallel, keep_for_backward
+):
+    """The forward launches; returns the output and, with `keep_for_backward`, what the backward needs.
+
+    With `expert_parallel`, `top_k_index` may hold the id `num_experts` (the local count): a route to another
+    rank's expert. Those pairs are sorted into one more bucket after the real experts, whose tiles the kernels
+    skip (they own no weights), and their output rows stay zero."""
     num_tokens, hidden = hidden_states.shape
     top_k = top_k_index.shape[1]
     num_pairs = num_tokens * top_k
-    sorted_ids, block_expert, offsets, pair_row = align_routing(top_k_index, gate_up_proj.shape[0], config["BLOCK_M"])
+    num_experts = gate_up_proj.shape[0]
+    buckets = num_experts + 1 if expert_parallel else num_experts
+    sorted_ids, block_expert, offsets, pair_row = align_routing(top_k_index, buckets, config["BLOCK_M"])
+    offsets = offsets[:num_experts]  # the grouped GEMMs of the backward stop at the real experts' end
     routing = top_k_weights.reshape(-1).contiguous()
     h, gu = _launch_gate_up(
         hidden_states, gate_up_proj, sorted_ids, block_expert, top_k, config, keep_for_backward
     )  # fmt: skip
-    y = _launch_down(h, down_proj, routing, sorted_ids, block_expert, num_pairs, config)
+    y = _launch_down(h, down_proj, routing, sorted_ids, block_expert, num_pairs, config, zero_fill=expert_parallel)
     # Sum over the k slots in the model dtype (fp32 accumulation inside), as transformers' grouped_mm does.
     out = y.view(num_tokens, top_k, hidden).sum(dim=1)
-    saved = (hidden_states, routing, gate_up_proj, down_proj, sorted_ids, offsets, pair_row, gu)
+    saved = (hidden_states, routing, gate_up_proj, down_proj, sorted_ids, offsets, pair_row, gu, top_k_index)
     return out, (saved if keep_for_backward else None)
 
 
@@ -599,19 +609,22 @@ class FusedMoEFunction(torch.autograd.Function):
     """out[t] = sum_j w[t, j] * down[e_tj] @ (silu(gate[e_tj] @ x[t]) * (up[e_tj] @ x[t])), e_tj = top_k_index[t, j]."""
 
     @staticmethod
-    def forward(ctx, hidden_states, top_k_weights, gate_up_proj, down_proj, top_k_index, config):
+    def forward(ctx, hidden_states, top_k_weights, gate_up_proj, down_proj, top_k_index, config, expert_parallel):
         needs_grad = any(ctx.needs_input_grad[:4])
         out, saved = _fused_forward(
-            hidden_states, top_k_weights, gate_up_proj, down_proj, top_k_index, config, needs_grad
+            hidden_states, top_k_weights, gate_up_proj, down_proj, top_k_index, config, expert_parallel, needs_grad
         )  # fmt: skip
         if needs_grad:
             ctx.save_for_backward(*saved)
             ctx.top_k = top_k_index.shape[1]
+            ctx.expert_parallel = expert_parallel
         return out
 
     @staticmethod
     def backward(ctx, grad_out):
-        hidden_states, routing, gate_up_proj, down_proj, sorted_ids, offsets, pair_row, gu = ctx.saved_tensors
+        hidden_states, routing, gate_up_proj, down_proj, sorted_ids, offsets, pair_row, gu, top_k_index = (
+            ctx.saved_tensors
+        )
         top_k = ctx.top_k
         num_tokens, hidden = hidden_states.shape
         dtype = hidden_states.dtype
@@ -630,9 +643,14 @@ class FusedMoEFunction(torch.autograd.Function):
         grad_x_rows = grouped_matmul(grad_gu, gate_up_proj, offsets)
         grad_gate_up = grouped_weight_grad(grad_gu, x_rows, offsets)
 
-        grad_x = grad_x_rows[pair_row].view(num_tokens, top_k, hidden).sum(dim=1)
-        grad_routing = grad_routing_rows[pair_row].view(num_tokens, top_k).to(routing.dtype)
-        return grad_x, grad_routing, grad_gate_up, grad_down, None, None
+        grad_x_pairs, grad_routing_pairs = grad_x_rows[pair_row], grad_routing_rows[pair_row]
+        if ctx.expert_parallel:  # skipped pairs' rows lie past the grouped GEMMs' end: never computed
+            skipped = top_k_index.reshape(-1) >= gate_up_proj.shape[0]
+            grad_x_pairs = grad_x_pairs.masked_fill(skipped[:, None], 0.0)
+            grad_routing_pairs = grad_routing_pairs.masked_fill(skipped, 0.0)
+        grad_x = grad_x_pairs.view(num_tokens, top_k, hidden).sum(dim=1)
+        grad_routing = grad_routing_pairs.view(num_tokens, top_k).to(routing.dtype)
+        return grad_x, grad_routing, grad_gate_up, grad_down, None, None, None
 
 
 # ----------------------------------------------------------------------------------------------- compiled graphs
@@ -640,13 +658,15 @@ class FusedMoEFunction(torch.autograd.Function):
 # not trace the host-side launch logic or the Triton launches, and a CUDA graph captures the kernels as they run.
 
 
-def _fused_inference(hidden_states, top_k_weights, gate_up_proj, down_proj, top_k_index):
-    config = get_config(
-        hidden_states.shape[0], gate_up_proj.shape[0], gate_up_proj.shape[2], gate_up_proj.shape[1] // 2,
-        top_k_index.shape[1], hidden_states.device,
-    )
-    config = _fit_to_dtype(config, gate_up_proj.dtype)
-    args = (hidden_states, top_k_weights, gate_up_proj, down_proj, top_k_index, config)
+def _launch_config(hidden_states, gate_up_proj, top_k_index) -> dict:
+    num_experts, two_i, hidden = gate_up_proj.shape
+    config = get_config(hidden_states.shape[0], num_experts, hidden, two_i // 2, top_k_index.shape[1], hidden_states.device)
+    return _fit_to_dtype(config, gate_up_proj.dtype)
+
+
+def _fused_inference(hidden_states, top_k_weights, gate_up_proj, down_proj, top_k_index, expert_parallel):
+    config = _launch_config(hidden_states, gate_up_proj, top_k_index)
+    args = (hidden_states, top_k_weights, gate_up_proj, down_proj, top_k_index, config, expert_parallel)
     return _fused_forward(*args, keep_for_backward=False)[0]
 
 
@@ -665,11 +685,12 @@ def _register_inference_op():
         gate_up_proj: torch.Tensor,
         down_proj: torch.Tensor,
         top_k_index: torch.Tensor,
+        expert_parallel: bool,
     ) -> torch.Tensor:
-        return _fused_inference(hidden_states, top_k_weights, gate_up_proj, down_proj, top_k_index)
+        return _fused_inference(hidden_states, top_k_weights, gate_up_proj, down_proj, top_k_index, expert_parallel)
 
     @fused_experts.register_fake
-    def _(hidden_states, top_k_weights, gate_up_proj, down_proj, top_k_index):
+    def _(hidden_states, top_k_weights, gate_up_proj, down_proj, top_k_index, expert_parallel):
         return hidden_states.new_empty(hidden_states.shape)
 
     return torch.ops.llada_moe.fused_experts
@@ -695,8 +716,8 @@ def fused_moe_experts_forward(
             '"grouped_mm" or "eager" instead (model.set_experts_implementation("grouped_mm")).'
         )
     name = f'experts_implementation="{FUSED_MOE_NAME}"'
-    if getattr(self, "_is_expert_parallel", False) or getattr(self, "has_bias", False):
-        raise NotImplementedError(f"{name} supports neither expert parallelism nor expert biases.")
+    if getattr(self, "has_bias", False):
+        raise NotImplementedError(f"{name} does not support expert biases.")
     if getattr(self, "is_transposed", False) or not getattr(self, "has_gate", True):
         raise NotImplementedError(f"{name} expects gate_up_proj [E, 2I, H] and down_proj [E, H, I].")
     act = type(self.act_fn).__name__
@@ -715,17 +736,21 @@ def fused_moe_experts_forward(
     # grouped_mm casts the input to the weight dtype (no autocast support); do the same.
     hidden_states = hidden_states.to(gate_up_proj.dtype)
     top_k_weights = top_k_weights.to(gate_up_proj.dtype)
+    # Expert parallelism (this rank holds fewer experts than the config; transformers >= 5.19 also sets
+    # `_is_expert_parallel`): routes to another rank's experts arrive with the id `num_experts` and weight 0.
+    num_experts = gate_up_proj.shape[0]
+    global_experts = getattr(getattr(self, "config", None), "num_experts", num_experts)
+    expert_parallel = bool(getattr(self, "_is_expert_parallel", False)) or num_experts < global_experts
     if torch.is_grad_enabled() and any(t.requires_grad for t in (hidden_states, top_k_weights, gate_up_proj, down_proj)):
-        num_experts, two_i, hidden = gate_up_proj.shape
-        config = get_config(
-            hidden_states.shape[0], num_experts, hidden, two_i // 2, top_k_index.shape[1], hidden_states.device
+        config = _launch_config(hidden_states, gate_up_proj, top_k_index)
+        return FusedMoEFunction.apply(
+            hidden_states, top_k_weights, gate_up_proj, down_proj, top_k_index, config, expert_parallel
         )
-        config = _fit_to_dtype(config, gate_up_proj.dtype)
-        return FusedMoEFunction.apply(hidden_states, top_k_weights, gate_up_proj, down_proj, top_k_index, config)
     # Inference (generation): no autograd node, no tensors kept; fewer host-side steps per layer.
+    args = (hidden_states.contiguous(), top_k_weights, gate_up_proj, down_proj, top_k_index, expert_parallel)
     if torch.compiler.is_compiling():
-        return _FUSED_EXPERTS_OP(hidden_states.contiguous(), top_k_weights, gate_up_proj, down_proj, top_k_index)
-    return _fused_inference(hidden_states, top_k_weights, gate_up_proj, down_proj, top_k_index)
+        return _FUSED_EXPERTS_OP(*args)
+    return _fused_inference(*args)
 
 
 def register_fused_moe_experts():
