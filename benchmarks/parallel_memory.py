@@ -25,6 +25,7 @@ from pathlib import Path
 import torch
 
 from llada_moe_hf import LLaDAMoEConfig, LLaDAMoEForDiffusionLM
+from provenance import git_state
 
 
 GB = 1e9
@@ -102,6 +103,7 @@ def main(argv=None):
     training = {tokens: lora_fsdp_per_rank(model, args.sizes, tokens, args.r) for tokens in args.tokens}
     result = {
         "benchmark": "parallel_memory",
+        "git": git_state(),
         "kind": "arithmetic (not measured)",
         "model": "LLaDA-MoE-7B-A1B shape, bf16",
         "params": sum(p.numel() for p in model.parameters()),

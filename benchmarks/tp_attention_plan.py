@@ -19,13 +19,14 @@ import os
 import platform
 import socket
 import statistics
-import subprocess
 import tempfile
 import time
 from pathlib import Path
 
 import torch
 import torch.multiprocessing as mp
+
+from provenance import git_state
 
 
 ATTENTION = "model.layers.*.self_attn"
@@ -155,14 +156,9 @@ def machine() -> dict:
 
     cpu = next((line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines()
                 if line.startswith("model name")), platform.processor()) if Path("/proc/cpuinfo").exists() else ""
-    try:
-        commit = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True,
-                                cwd=Path(__file__).parent).stdout.strip()
-    except OSError:
-        commit = None
     return {
         "platform": platform.platform(), "cpu": cpu, "cpu_count": os.cpu_count(), "python": platform.python_version(),
-        "torch": torch.__version__, "transformers": transformers.__version__, "git_commit": commit,
+        "torch": torch.__version__, "transformers": transformers.__version__,
     }
 
 
@@ -202,6 +198,7 @@ def main(argv=None):
               ("layers", "hidden", "heads", "experts", "expert_width", "top_k", "vocab")}
     result = {
         "benchmark": "tp_attention_plan",
+        "git": git_state(),
         "command": "python benchmarks/tp_attention_plan.py " + " ".join(argv if argv is not None else os.sys.argv[1:]),
         "machine": machine(),
         "load_average_before_after": [list(load_before), list(os.getloadavg())],
