@@ -282,9 +282,10 @@ def finetune_script(output_dir, *extra):
 
     finetune_lora.eval_loss = recording_eval_loss
     try:
-        before, after = finetune_lora.main(
-            ["--output-dir", str(output_dir), "--max-steps", "2", "--save-steps", "1", "--batch-size", "4", *extra]
+        result = finetune_lora.main(
+            ["--output-dir", str(output_dir), "--max-steps", "2", "--save-steps", "1", "--batch-size", "4",
+             "--eval-questions", "0", *extra]
         )
     finally:
         finetune_lora.eval_loss = eval_loss
-    return {"before": before, "after": after, "eval_batches": measured[-1]}
+    return {**result["loss"], "eval_batches": measured[-1]}
