@@ -17,6 +17,7 @@ MOE_ARCHITECTURES = ("LLaDAMoEModelLM", "LLaDAMoEForDiffusionLM", "LLaDAMoEModel
 LEGACY_MODEL_TYPE = "llada"
 RELEASE_VOCAB_SIZE = 157184
 RELEASE_MASK_TOKEN_ID = 156895
+RELEASE_EOS_TOKEN_ID = 156892  # <|endoftext|>, also the release's pad id
 
 
 class LLaDAMoEConfig(PreTrainedConfig):
@@ -45,7 +46,11 @@ class LLaDAMoEConfig(PreTrainedConfig):
 
     Extra fields of this package:
         mask_token_id: the `<|mask|>` id used by diffusion sampling and training. The release's config.json
-            does not carry it; with the release's vocabulary (157184) it defaults to 156895.
+            does not carry it.
+
+    Special token ids: with the release's vocabulary (157184) the ids left unset default to the release's
+    (pad = eos = 156892 `<|endoftext|>`, mask = 156895 `<|mask|>`); with any other vocabulary they default to
+    None (set them from your tokenizer). Ids that are set must lie inside the vocabulary.
     """
 
     model_type = "llada_moe"
@@ -80,9 +85,9 @@ class LLaDAMoEConfig(PreTrainedConfig):
     initializer_range: float = 0.02
     rms_norm_eps: float = 1e-05
     use_cache: bool = False
-    pad_token_id: int | None = 156892
+    pad_token_id: int | None = None
     bos_token_id: int | None = None
-    eos_token_id: int | list[int] | None = 156892
+    eos_token_id: int | list[int] | None = None
     mask_token_id: int | None = None
     tie_word_embeddings: bool = False
     rope_parameters: dict | None = None
@@ -107,9 +112,16 @@ class LLaDAMoEConfig(PreTrainedConfig):
             self.num_key_value_heads = self.num_attention_heads
         if self.moe_layer_freq is None:
             self.moe_layer_freq = [1] * self.num_hidden_layers
-        if self.mask_token_id is None and self.vocab_size == RELEASE_VOCAB_SIZE:
-            # The release's config.json has no mask id; its tokenizer's <|mask|> is 156895.
-            self.mask_token_id = RELEASE_MASK_TOKEN_ID
+        if self.vocab_size == RELEASE_VOCAB_SIZE:
+            # The release's ids only mean something in the release's vocabulary (its config.json has no mask id;
+            # its tokenizer's <|mask|> is 156895). A smaller vocabulary must not inherit ids it does not have.
+            for field, release_id in (
+                ("pad_token_id", RELEASE_EOS_TOKEN_ID),
+                ("eos_token_id", RELEASE_EOS_TOKEN_ID),
+                ("mask_token_id", RELEASE_MASK_TOKEN_ID),
+            ):
+                if getattr(self, field) is None:
+                    setattr(self, field, release_id)
         kwargs.setdefault("rope_theta", 50000.0)
         super().__post_init__(**kwargs)
         self.validate_llada_moe()
@@ -175,7 +187,11 @@ class LLaDAMoEConfig(PreTrainedConfig):
             ids = value if isinstance(value, (list, tuple)) else [value]
             for token_id in ids:
                 if token_id is not None and not 0 <= int(token_id) < self.vocab_size:
-                    fail(field, f"id {token_id} is outside the vocabulary [0, {self.vocab_size}).")
+                    fail(
+                        field,
+                        f"id {token_id} is outside the vocabulary [0, {self.vocab_size}). Pass the id your "
+                        f"tokenizer uses (e.g. tokenizer.{field}), or None.",
+                    )
         if self.moe_router_score_function not in (None, "softmax"):
             logger.warning_once(
                 f"moe_router_score_function={self.moe_router_score_function!r} is ignored: the original LLaDA-MoE "
