@@ -2,10 +2,10 @@
 fast decoders (confidence threshold, prefix cache, dual cache, threshold + dual), side by side in one run.
 
 CPU (a mid-size random model: 4 layers, hidden 512, 64 experts top-8, vocab 4096; about 1-2 minutes):
-    python benchmarks/generate.py
+    python benchmarks/generate.py --out /tmp/generate_cpu.json
 GPU, the real LLaDA-MoE-7B-A1B shape (LLaDAMoEConfig defaults: 16 layers, hidden 2048, 64 experts of width 1024,
 top-8, vocab 157184) with random bf16 weights built directly on the device:
-    python benchmarks/generate.py --device cuda --real-shape
+    python benchmarks/generate.py --device cuda --real-shape --out /tmp/generate_cuda.json
 Check the GPU path on a CPU with a shrunken real-shape model:
     python benchmarks/generate.py --real-shape --small
 
@@ -16,7 +16,8 @@ perf_anchors.md). Threshold modes commit as many tokens as clear the threshold, 
 the output layer is sharpened (`--sharpen`, default 25x) so that the random model makes confident predictions;
 their tokens/forward are illustrative only, their ms per step are real.
 
-Prints a table and writes JSON (machine, versions, shapes, dtype, settings, timings, ratios) to --json.
+Prints a table and writes JSON (machine, versions, shapes, dtype, settings, timings, ratios) to --out (nothing is
+written without it: the committed results in benchmarks/results/ change only when named explicitly).
 """
 
 import argparse
@@ -158,7 +159,7 @@ def main(argv=None):
     parser.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's)")
     parser.add_argument("--repeats", type=int, default=None, help="timed runs per mode (median); default 3 GPU, 1 CPU")
     parser.add_argument("--modes", default=",".join(MODES), help=f"comma-separated subset of {list(MODES)}")
-    parser.add_argument("--json", default=None, help="where to write the results (default benchmarks/results/...)")
+    parser.add_argument("--out", "--json", dest="out", default=None, help="JSON file for the results (none if unset)")
     args = parser.parse_args(argv)
 
     big = args.real_shape and not args.small
@@ -242,11 +243,11 @@ def main(argv=None):
         "h100_floor_ms_per_forward": H100_FLOOR_MS,
         "results": rows,
     }
-    path = args.json or os.path.join(
-        os.path.dirname(os.path.abspath(__file__)), "results",
-        f"generate_{args.device.split(':')[0]}{'_real' if report['real_shape'] else ''}{'_small' if args.small else ''}.json",
-    )
-    os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
+    path = args.out
+    if not path:
+        print("results not written (pass --out PATH to write the JSON)")
+        return report
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
     tmp = path + ".tmp"
     with open(tmp, "w") as f:
         json.dump(report, f, indent=2)
