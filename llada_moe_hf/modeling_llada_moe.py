@@ -399,6 +399,12 @@ class LLaDAMoEPreTrainedModel(PreTrainedModel):
         config.validate_llada_moe()
         super().__init__(config, *args, **kwargs)
 
+    @property
+    def is_gradient_checkpointing(self) -> bool:
+        # PEFT reads this name, which transformers 5.24 deprecates (with a FutureWarning on every LoRA wrap) in
+        # favour of `is_activation_checkpointing`, a name 5.17 does not have.
+        return any(getattr(m, "gradient_checkpointing", False) for m in self.modules())
+
     @torch.no_grad()
     def _init_weights(self, module):
         super()._init_weights(module)
