@@ -20,6 +20,22 @@ RELEASE_MASK_TOKEN_ID = 156895
 RELEASE_EOS_TOKEN_ID = 156892  # <|endoftext|>, also the release's pad id
 
 
+def expert_parallel_plan() -> dict:
+    """The expert-parallel plan in the style names of the installed transformers. 5.24 sends each expert its tokens
+    ("ep_dispatch_experts", which replaced "ep_router"); 5.17 has only "ep_router" (each rank keeps the router's
+    choices of its own experts) with "moe_tp_experts" (the partial outputs are summed)."""
+    import importlib.util
+
+    from transformers.distributed.tensor_parallel import ALL_PARALLEL_STYLES
+
+    if importlib.util.find_spec("transformers.distributed.expert_parallel") is not None:
+        import transformers.distributed.expert_parallel  # noqa: F401  (registers its styles)
+    experts = {"layers.*.mlp.experts.gate_up_proj": "grouped_gemm", "layers.*.mlp.experts.down_proj": "grouped_gemm"}
+    if "ep_dispatch_experts" in ALL_PARALLEL_STYLES:
+        return {**experts, "layers.*.mlp.experts": "ep_dispatch_experts"}
+    return {"layers.*.mlp.gate": "ep_router", **experts, "layers.*.mlp.experts": "moe_tp_experts"}
+
+
 class LLaDAMoEConfig(PreTrainedConfig):
     r"""
     Configuration of a LLaDA-MoE masked-diffusion language model (inclusionAI, arXiv 2509.24389).
@@ -66,11 +82,7 @@ class LLaDAMoEConfig(PreTrainedConfig):
         "layers.*.mlp.experts.down_proj": "rowwise",
         "layers.*.mlp.experts": "moe_tp_experts",
     }
-    base_model_ep_plan = {
-        "layers.*.mlp.experts.gate_up_proj": "grouped_gemm",
-        "layers.*.mlp.experts.down_proj": "grouped_gemm",
-        "layers.*.mlp.experts": "ep_dispatch_experts",
-    }
+    base_model_ep_plan = expert_parallel_plan()
 
     vocab_size: int = 157184
     hidden_size: int = 2048
@@ -131,8 +143,11 @@ class LLaDAMoEConfig(PreTrainedConfig):
         # The original code has no `head_dim` key: it is always hidden_size // num_attention_heads.
         return self.hidden_size // self.num_attention_heads
 
-    def validate_llada_moe(self):
-        """Raise a ValueError naming the first inconsistent field. Called at config creation and model build."""
+    def validate_llada_moe(self, token_ids: str = "all"):
+        """Raise a ValueError naming the first inconsistent field. Called at config creation (every field) and at
+        model build (`token_ids="pad"`: of the special ids only the embedding's padding index matters to the model;
+        eos/bos/mask are checked where they are used, e.g. by `generate`, so that a config whose vocabulary was
+        shrunk before `resize_token_embeddings` still builds, as in transformers)."""
 
         def fail(field, message):
             raise ValueError(f"LLaDAMoEConfig.{field}: {message}")
@@ -182,7 +197,7 @@ class LLaDAMoEConfig(PreTrainedConfig):
             fail("partial_rotary_factor", f"gives a rotary dimension of {rotary_dim}; it must be even and > 0.")
         if self.clip_qkv is not None and self.clip_qkv <= 0:
             fail("clip_qkv", f"must be positive or null, got {self.clip_qkv!r}.")
-        for field in ("pad_token_id", "bos_token_id", "eos_token_id", "mask_token_id"):
+        for field in ("pad_token_id", "bos_token_id", "eos_token_id", "mask_token_id")[: 1 if token_ids == "pad" else 4]:
             value = getattr(self, field, None)
             ids = value if isinstance(value, (list, tuple)) else [value]
             for token_id in ids:

@@ -396,7 +396,7 @@ class LLaDAMoEPreTrainedModel(PreTrainedModel):
     _keys_to_ignore_on_load_unexpected = [r"rotary_emb\.inv_freq"]
 
     def __init__(self, config: LLaDAMoEConfig, *args, **kwargs):
-        config.validate_llada_moe()
+        config.validate_llada_moe(token_ids="pad")
         super().__init__(config, *args, **kwargs)
 
     @property
@@ -615,7 +615,8 @@ class LLaDAMoEForDiffusionLM(LLaDAMoEPreTrainedModel, DiffusionGenerationMixin):
             Clean tokens at the masked positions and -100 elsewhere (what `LLaDAMoEDataCollator` produces).
             The loss is the masked-diffusion objective: cross-entropy on masked positions weighted by `1 / p_mask`.
         p_mask (`torch.Tensor` of shape `(batch_size, sequence_length)` or `(batch_size,)`, *optional*):
-            The masking probability t each position was noised with. Required with `labels`.
+            The masking probability t each position was noised with. Without it, `labels` give the plain masked-LM
+            loss (mean cross-entropy over the labelled positions), as transformers' masked-LM heads do.
         loss_normalizer (`torch.Tensor` of shape `(batch_size,)`, *optional*):
             Per-sequence token count the weighted loss is divided by (the answer length in SFT); defaults to
             the sequence length.

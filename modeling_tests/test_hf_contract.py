@@ -93,6 +93,20 @@ def test_generate_ignores_config_return_dict():
     torch.testing.assert_close(model.generate(ids, max_new_tokens=4, steps=4, block_length=4), want)
 
 
+def test_labels_without_p_mask_give_the_masked_lm_loss():
+    """As transformers' masked-LM heads: labels alone give the mean cross-entropy over the labelled positions."""
+    model = small_model()
+    ids = torch.tensor([[1, 2, 3, 4, 5], [6, 7, 8, 9, 10]])
+    labels = torch.full_like(ids, -100)
+    labels[0, 1], labels[1, 3], labels[1, 4] = 11, 12, 13
+    with torch.no_grad():
+        out = model(ids, labels=labels)
+        expected = torch.nn.functional.cross_entropy(out.logits.float().view(-1, 96), labels.view(-1))
+        with_p_mask = model(ids, labels=labels, p_mask=torch.full((2,), 0.5)).loss
+    torch.testing.assert_close(out.loss, expected)
+    assert not torch.allclose(with_p_mask, expected)  # the diffusion objective weights by 1/t and normalises by length
+
+
 # ---------------------------------------------------------------------------------------- special token ids
 
 
