@@ -20,6 +20,7 @@ import warnings
 
 import pytest
 import torch
+import transformers
 from safetensors.torch import load_file, save_file
 from transformers import AutoModel, AutoTokenizer
 from transformers.utils import logging as hf_logging
@@ -105,6 +106,18 @@ def test_labels_without_p_mask_give_the_masked_lm_loss():
         with_p_mask = model(ids, labels=labels, p_mask=torch.full((2,), 0.5)).loss
     torch.testing.assert_close(out.loss, expected)
     assert not torch.allclose(with_p_mask, expected)  # the diffusion objective weights by 1/t and normalises by length
+
+
+def test_parallel_plans_use_styles_the_installed_transformers_knows():
+    """transformers 5.24 replaced the "ep_router" expert-parallel style by "ep_dispatch_experts"; 5.17 knows only
+    the first. The plans must name styles of whichever version is installed."""
+    import transformers.modeling_utils  # noqa: F401  (registers every style)
+    from transformers.distributed.tensor_parallel import ALL_PARALLEL_STYLES
+
+    config = LLaDAMoEConfig()
+    for plan in (config.base_model_tp_plan, config.base_model_ep_plan, LLaDAMoEForDiffusionLM._tp_plan):
+        unknown = {style for style in plan.values() if style not in ALL_PARALLEL_STYLES}
+        assert not unknown, f"{unknown} unknown to transformers {transformers.__version__}"
 
 
 # ---------------------------------------------------------------------------------------- special token ids
