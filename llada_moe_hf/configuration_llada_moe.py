@@ -197,7 +197,8 @@ class LLaDAMoEConfig(PreTrainedConfig):
             fail("partial_rotary_factor", f"gives a rotary dimension of {rotary_dim}; it must be even and > 0.")
         if self.clip_qkv is not None and self.clip_qkv <= 0:
             fail("clip_qkv", f"must be positive or null, got {self.clip_qkv!r}.")
-        for field in ("pad_token_id", "bos_token_id", "eos_token_id", "mask_token_id")[: 1 if token_ids == "pad" else 4]:
+        fields = ("pad_token_id",) if token_ids == "pad" else ("pad_token_id", "bos_token_id", "eos_token_id", "mask_token_id")
+        for field in fields:
             value = getattr(self, field, None)
             ids = value if isinstance(value, (list, tuple)) else [value]
             for token_id in ids:

@@ -54,7 +54,8 @@ if not (SDIST / "tests" / "test_modeling_common.py").is_file():
     )
 pytest.importorskip("parameterized", reason="transformers' common tests need `parameterized` (the [test] extra)")
 SDIST_VERSION = next(
-    (line.split(":", 1)[1].strip() for line in (SDIST / "PKG-INFO").read_text().splitlines() if line.startswith("Version:")),
+    (line.split(":", 1)[1].strip() for line in (SDIST / "PKG-INFO").read_text().splitlines()
+     if line.startswith("Version:")),
     None,
 )
 if SDIST_VERSION != transformers.__version__:

@@ -210,7 +210,8 @@ PIPELINE_SCRIPT = textwrap.dedent(
     from transformers import pipeline
     pipe = pipeline("text-generation", model=sys.argv[1], trust_remote_code=True)
     chat = [{"role": "user", "content": "sort 3 1 4 1 5"}]
-    prompt = "<role>SYSTEM</role>detailed thinking off<|role_end|><role>HUMAN</role>reverse 1 2 3 4<|role_end|><role>ASSISTANT</role>"
+    prompt = ("<role>SYSTEM</role>detailed thinking off<|role_end|>"
+              "<role>HUMAN</role>reverse 1 2 3 4<|role_end|><role>ASSISTANT</role>")
     out = {
         "module": type(pipe).__module__,
         "model_module": type(pipe.model).__module__,

@@ -90,10 +90,11 @@ def parse_readme(text: str) -> tuple[list[Block], list[str]]:
         if not match:
             if lines[i].lstrip().startswith("<!--") and "readme-test" in lines[i]:  # prose may name the marker
                 marker = SKIP_MARKER.match(lines[i].strip())
+                below = FENCE.match(lines[i + 1]) if i + 1 < len(lines) else None
                 if not marker:
                     problems.append(f"line {i + 1}: malformed marker {lines[i]!r}; write "
                                     "<!-- readme-test: skip (REASON) --> with a non-empty REASON")
-                elif i + 1 >= len(lines) or not FENCE.match(lines[i + 1]) or FENCE.match(lines[i + 1])["lang"] not in RUN_LANGUAGES:
+                elif below is None or below["lang"] not in RUN_LANGUAGES:
                     problems.append(f"line {i + 1}: a skip marker must sit right above a ```python or ```bash fence")
             i += 1
             continue
@@ -197,7 +198,8 @@ def test_readme_block(block, scratch):
     proc = subprocess.run(command, cwd=work, env=env, stdin=subprocess.DEVNULL, capture_output=True, text=True,
                           timeout=300)
     output = proc.stdout + proc.stderr
-    assert proc.returncode == 0, f"README line {block.line} ({block.lang}) failed:\n{code}\n--- output ---\n{output[-4000:]}"
+    assert proc.returncode == 0, (
+        f"README line {block.line} ({block.lang}) failed:\n{code}\n--- output ---\n{output[-4000:]}")
     noise = [line for line in output.splitlines() if NOISE.search(line) and not any(
         message in line and where in block.code for message, where, _ in KNOWN_NOISE)]
     assert noise == [], f"README line {block.line} printed warnings:\n" + "\n".join(noise)
