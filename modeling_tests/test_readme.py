@@ -6,7 +6,7 @@ Convention (for whoever edits the README):
   `bash -e -o pipefail` script, in README order, in one scratch directory (so a block may use a file an earlier
   block wrote there). `python` and the console scripts (`llada-moe`) are this virtual environment's. Write
   blocks that stand alone and take seconds.
-* Before running, the block's text is changed by plain substitution (SUBSTITUTIONS below):
+* Before running, the block's text is changed by plain substitution (`substitutions()` below):
       inclusionAI/LLaDA-MoE-7B-A1B-Instruct -> a copy of llada_moe_hf/assets/tiny (the embedded trained tiny model,
                                                release layout, with its tokenizer) whose max_position_embeddings is
                                                the release's 8192, so that the 7B's lengths fit
