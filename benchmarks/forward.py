@@ -2,12 +2,12 @@
 OlmoeForCausalLM built with equal dimensions, measured side by side in one run and reported as ratios.
 
 CPU (issue 2's mid-size config: 64 experts, top-8):
-    python benchmarks/forward.py
+    python benchmarks/forward.py --out /tmp/forward_cpu.json
 GPU, the real layer shape (hidden 2048, 64 experts of width 1024, top-8, 16 heads):
-    python benchmarks/forward.py --device cuda --real-shape
+    python benchmarks/forward.py --device cuda --real-shape --out /tmp/forward_cuda.json
 
-Prints a table and writes JSON (machine, versions, git commit, shapes, dtype, timings, ratios) to --json (default
-forward_{device}.json in the current directory; the committed results are replaced only when named).
+Prints a table and writes JSON (machine, versions, git commit, shapes, dtype, timings, ratios) to --out (nothing is written
+without it: the committed results in benchmarks/results/ change only when named explicitly).
 """
 
 import argparse
@@ -102,7 +102,7 @@ def main(argv=None):
     parser.add_argument("--tokens", type=int, nargs="+", default=[64, 256, 512])
     parser.add_argument("--dtype", default=None, help="float32 on CPU, bfloat16 on GPU by default")
     parser.add_argument("--reps", type=int, default=None)
-    parser.add_argument("--json", default="forward_{device}.json", help="output file (default: %(default)s)")
+    parser.add_argument("--out", "--json", dest="out", default=None, help="JSON file for the results (none if unset)")
     args = parser.parse_args(argv)
 
     dtype = getattr(torch, args.dtype or ("bfloat16" if args.device == "cuda" else "float32"))
@@ -169,10 +169,21 @@ def main(argv=None):
             f"{row['ratio_llada_best_vs_olmoe_best']:>10.3f}"
         )
     print("ratio = LLaDA-MoE time / OLMoE time (below 1.10 meets the 'within 10%' target)")
-    path = args.json.format(device=args.device)
-    os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
-    with open(path, "w") as f:
+    write_json(result, args.out)
+
+
+def write_json(result: dict, path: str | None):
+    """Write through a temporary file beside PATH, so an interrupted run leaves PATH as it was."""
+    if not path:
+        print("results not written (pass --out PATH to write the JSON)")
+        return
+    import os
+
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    tmp = path + ".tmp"
+    with open(tmp, "w") as f:
         json.dump(result, f, indent=2)
+    os.replace(tmp, path)
     print(f"wrote {path}")
 
 

@@ -3,10 +3,15 @@
 
 It has the release's special tokens (<|endoftext|> as eos and pad, <|mask|>, <|role_end|>, <role>, </role>)
 and the release's Ling-style chat template, over a vocabulary of digits, the task words and the words the
-chat template itself writes. Usage: python examples/build_tiny_tokenizer.py OUTPUT_DIR
+chat template itself writes. Usage: python examples/build_tiny_tokenizer.py OUTPUT_DIR [--overwrite]
 """
 
+import argparse
+import os
+import shutil
 import sys
+import tempfile
+from pathlib import Path
 
 from tokenizers import Tokenizer, models, pre_tokenizers
 from transformers import PreTrainedTokenizerFast
@@ -65,8 +70,36 @@ def build_tokenizer() -> PreTrainedTokenizerFast:
     return tokenizer
 
 
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("output_dir", type=Path, help="directory to write the tokenizer files into")
+    parser.add_argument("--overwrite", action="store_true", help="replace OUTPUT_DIR if it exists and is not empty")
+    args = parser.parse_args(argv)
+    out = args.output_dir
+    if out.exists() and not out.is_dir():
+        parser.error(f"{out} exists and is not a directory.")
+    if out.is_dir() and any(out.iterdir()) and not args.overwrite:
+        parser.error(f"{out} exists and is not empty; pass --overwrite to replace it.")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    # Written beside OUTPUT_DIR, then moved in: an interrupted run leaves OUTPUT_DIR as it was.
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
+    try:
+        build_tokenizer().save_pretrained(tmp)
+        umask = os.umask(0)
+        os.umask(umask)
+        os.chmod(tmp, 0o777 & ~umask)  # mkdtemp makes 0700; the result gets the user's usual permissions
+        old = None
+        if out.exists():  # kept until the new one is in place
+            old = Path(tempfile.mkdtemp(prefix=f".{out.name}.old-", dir=out.parent))
+            os.replace(out, old / out.name)
+        os.replace(tmp, out)
+        if old is not None:
+            shutil.rmtree(old)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    print(f"tokenizer written to {out}")
+    return 0
+
+
 if __name__ == "__main__":
-    if len(sys.argv) != 2:
-        sys.exit("usage: python examples/build_tiny_tokenizer.py OUTPUT_DIR")
-    build_tokenizer().save_pretrained(sys.argv[1])
-    print(f"tokenizer written to {sys.argv[1]}")
+    sys.exit(main())

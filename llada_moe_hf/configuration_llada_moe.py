@@ -6,7 +6,6 @@ This file travels to the Hub as custom code: keep it flat, with single-level rel
 
 from transformers.activations import ACT2FN
 from transformers.configuration_utils import PreTrainedConfig
-from transformers.distributed.configuration_utils import DistributedConfig
 from transformers.utils import logging
 
 
@@ -18,6 +17,23 @@ MOE_ARCHITECTURES = ("LLaDAMoEModelLM", "LLaDAMoEForDiffusionLM", "LLaDAMoEModel
 LEGACY_MODEL_TYPE = "llada"
 RELEASE_VOCAB_SIZE = 157184
 RELEASE_MASK_TOKEN_ID = 156895
+RELEASE_EOS_TOKEN_ID = 156892  # <|endoftext|>, also the release's pad id
+
+
+def expert_parallel_plan() -> dict:
+    """The expert-parallel plan in the style names of the installed transformers. 5.24 sends each expert its tokens
+    ("ep_dispatch_experts", which replaced "ep_router"); 5.17 has only "ep_router" (each rank keeps the router's
+    choices of its own experts) with "moe_tp_experts" (the partial outputs are summed)."""
+    import importlib.util
+
+    from transformers.distributed.tensor_parallel import ALL_PARALLEL_STYLES
+
+    if importlib.util.find_spec("transformers.distributed.expert_parallel") is not None:
+        import transformers.distributed.expert_parallel  # noqa: F401  (registers its styles)
+    experts = {"layers.*.mlp.experts.gate_up_proj": "grouped_gemm", "layers.*.mlp.experts.down_proj": "grouped_gemm"}
+    if "ep_dispatch_experts" in ALL_PARALLEL_STYLES:
+        return {**experts, "layers.*.mlp.experts": "ep_dispatch_experts"}
+    return {"layers.*.mlp.gate": "ep_router", **experts, "layers.*.mlp.experts": "moe_tp_experts"}
 
 
 class LLaDAMoEConfig(PreTrainedConfig):
@@ -46,7 +62,11 @@ class LLaDAMoEConfig(PreTrainedConfig):
 
     Extra fields of this package:
         mask_token_id: the `<|mask|>` id used by diffusion sampling and training. The release's config.json
-            does not carry it; with the release's vocabulary (157184) it defaults to 156895.
+            does not carry it.
+
+    Special token ids: with the release's vocabulary (157184) the ids left unset default to the release's
+    (pad = eos = 156892 `<|endoftext|>`, mask = 156895 `<|mask|>`); with any other vocabulary they default to
+    None (set them from your tokenizer). Ids that are set must lie inside the vocabulary.
     """
 
     model_type = "llada_moe"
@@ -67,20 +87,7 @@ class LLaDAMoEConfig(PreTrainedConfig):
         "layers.*.mlp.experts.down_proj": "rowwise",
         "layers.*.mlp.experts": "moe_tp_experts",
     }
-    base_model_ep_plan = {
-        "layers.*.mlp.experts.gate_up_proj": "grouped_gemm",
-        "layers.*.mlp.experts.down_proj": "grouped_gemm",
-        "layers.*.mlp.experts": "ep_dispatch_experts",
-    }
-    if "ep_size" not in DistributedConfig.__dataclass_fields__:
-        # transformers < 5.19 (`enable_expert_parallel=True`) has no token dispatch: the router masks the other
-        # ranks' experts and their outputs are summed.
-        base_model_ep_plan = {
-            "layers.*.mlp.gate": "ep_router",
-            "layers.*.mlp.experts.gate_up_proj": "grouped_gemm",
-            "layers.*.mlp.experts.down_proj": "grouped_gemm",
-            "layers.*.mlp.experts": "moe_tp_experts",
-        }
+    base_model_ep_plan = expert_parallel_plan()
 
     vocab_size: int = 157184
     hidden_size: int = 2048
@@ -95,9 +102,9 @@ class LLaDAMoEConfig(PreTrainedConfig):
     initializer_range: float = 0.02
     rms_norm_eps: float = 1e-05
     use_cache: bool = False
-    pad_token_id: int | None = 156892
+    pad_token_id: int | None = None
     bos_token_id: int | None = None
-    eos_token_id: int | list[int] | None = 156892
+    eos_token_id: int | list[int] | None = None
     mask_token_id: int | None = None
     tie_word_embeddings: bool = False
     rope_parameters: dict | None = None
@@ -122,9 +129,16 @@ class LLaDAMoEConfig(PreTrainedConfig):
             self.num_key_value_heads = self.num_attention_heads
         if self.moe_layer_freq is None:
             self.moe_layer_freq = [1] * self.num_hidden_layers
-        if self.mask_token_id is None and self.vocab_size == RELEASE_VOCAB_SIZE:
-            # The release's config.json has no mask id; its tokenizer's <|mask|> is 156895.
-            self.mask_token_id = RELEASE_MASK_TOKEN_ID
+        if self.vocab_size == RELEASE_VOCAB_SIZE:
+            # The release's ids only mean something in the release's vocabulary (its config.json has no mask id;
+            # its tokenizer's <|mask|> is 156895). A smaller vocabulary must not inherit ids it does not have.
+            for field, release_id in (
+                ("pad_token_id", RELEASE_EOS_TOKEN_ID),
+                ("eos_token_id", RELEASE_EOS_TOKEN_ID),
+                ("mask_token_id", RELEASE_MASK_TOKEN_ID),
+            ):
+                if getattr(self, field) is None:
+                    setattr(self, field, release_id)
         kwargs.setdefault("rope_theta", 50000.0)
         super().__post_init__(**kwargs)
         self.validate_llada_moe()
@@ -134,8 +148,11 @@ class LLaDAMoEConfig(PreTrainedConfig):
         # The original code has no `head_dim` key: it is always hidden_size // num_attention_heads.
         return self.hidden_size // self.num_attention_heads
 
-    def validate_llada_moe(self):
-        """Raise a ValueError naming the first inconsistent field. Called at config creation and model build."""
+    def validate_llada_moe(self, token_ids: str = "all"):
+        """Raise a ValueError naming the first inconsistent field. Called at config creation (every field) and at
+        model build (`token_ids="pad"`: of the special ids only the embedding's padding index matters to the model;
+        eos/bos/mask are checked where they are used, e.g. by `generate`, so that a config whose vocabulary was
+        shrunk before `resize_token_embeddings` still builds, as in transformers)."""
 
         def fail(field, message):
             raise ValueError(f"LLaDAMoEConfig.{field}: {message}")
@@ -185,12 +202,17 @@ class LLaDAMoEConfig(PreTrainedConfig):
             fail("partial_rotary_factor", f"gives a rotary dimension of {rotary_dim}; it must be even and > 0.")
         if self.clip_qkv is not None and self.clip_qkv <= 0:
             fail("clip_qkv", f"must be positive or null, got {self.clip_qkv!r}.")
-        for field in ("pad_token_id", "bos_token_id", "eos_token_id", "mask_token_id"):
+        fields = ("pad_token_id",) if token_ids == "pad" else ("pad_token_id", "bos_token_id", "eos_token_id", "mask_token_id")
+        for field in fields:
             value = getattr(self, field, None)
             ids = value if isinstance(value, (list, tuple)) else [value]
             for token_id in ids:
                 if token_id is not None and not 0 <= int(token_id) < self.vocab_size:
-                    fail(field, f"id {token_id} is outside the vocabulary [0, {self.vocab_size}).")
+                    fail(
+                        field,
+                        f"id {token_id} is outside the vocabulary [0, {self.vocab_size}). Pass the id your "
+                        f"tokenizer uses (e.g. tokenizer.{field}), or None.",
+                    )
         self.validate_tensor_parallel_heads()
         if self.moe_router_score_function not in (None, "softmax"):
             logger.warning_once(

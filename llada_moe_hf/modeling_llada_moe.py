@@ -8,7 +8,9 @@ imports only, optional dependencies behind guards.
 """
 
 import inspect
+import shutil
 from collections.abc import Callable
+from pathlib import Path
 
 import torch
 import torch.nn.functional as F
@@ -26,7 +28,7 @@ from transformers.modeling_outputs import MoeCausalLMOutputWithPast, MoeModelOut
 from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS, dynamic_rope_update
 from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS, PreTrainedModel
 from transformers.processing_utils import Unpack
-from transformers.utils import TransformersKwargs, logging
+from transformers.utils import TransformersKwargs, can_return_tuple, logging
 from transformers.utils.generic import merge_with_config_defaults
 from transformers.utils.output_capturing import OutputRecorder, capture_outputs
 
@@ -37,6 +39,22 @@ from .training_llada_moe import masked_diffusion_loss, router_load_balancing_los
 
 
 logger = logging.get_logger(__name__)
+
+# The text-generation pipeline file that `save_pretrained` copies beside this one (transformers' custom pipelines).
+PIPELINE_FILE = "pipeline_llada_moe.py"
+
+
+def pipeline_config() -> dict:
+    """config.json's `custom_pipelines`: `pipeline("text-generation", model=repo, trust_remote_code=True)` runs the
+    diffusion `generate()` through `pipeline_llada_moe.LLaDAMoETextGenerationPipeline`."""
+    return {
+        "text-generation": {
+            "impl": f"{PIPELINE_FILE[:-3]}.LLaDAMoETextGenerationPipeline",
+            "pt": ["AutoModel"],
+            "tf": [],
+            "type": "text",
+        }
+    }
 
 
 class LLaDAMoERMSNorm(nn.Module):
@@ -379,8 +397,14 @@ class LLaDAMoEPreTrainedModel(PreTrainedModel):
     _keys_to_ignore_on_load_unexpected = [r"rotary_emb\.inv_freq"]
 
     def __init__(self, config: LLaDAMoEConfig, *args, **kwargs):
-        config.validate_llada_moe()
+        config.validate_llada_moe(token_ids="pad")
         super().__init__(config, *args, **kwargs)
+
+    @property
+    def is_gradient_checkpointing(self) -> bool:
+        # PEFT reads this name, which transformers 5.24 deprecates (with a FutureWarning on every LoRA wrap) in
+        # favour of `is_activation_checkpointing`, a name 5.17 does not have.
+        return any(getattr(m, "gradient_checkpointing", False) for m in self.modules())
 
     @torch.no_grad()
     def _init_weights(self, module):
@@ -395,28 +419,30 @@ class LLaDAMoEPreTrainedModel(PreTrainedModel):
             init.zeros_(module.expert_bias)
 
     @classmethod
-    def from_pretrained(cls, *args, **kwargs):
-        """`PreTrainedModel.from_pretrained`, but strict: a checkpoint missing any weight is refused instead of
-        being completed with random values, and one carrying weights the config does not use (e.g. shared-expert
-        tensors with `shared_expert_intermediate_size: null`) is refused instead of being silently ignored."""
+    def from_pretrained(cls, *args, strict: bool = True, **kwargs):
+        """`PreTrainedModel.from_pretrained`, but strict by default: a checkpoint missing any weight is refused
+        instead of being completed with random values, and one carrying weights the config does not use (e.g.
+        shared-expert tensors with `shared_expert_intermediate_size: null`) is refused instead of being silently
+        ignored. `strict=False` loads such a checkpoint as plain transformers does (missing weights randomly
+        initialised, unused ones dropped) and logs a warning listing them."""
         want_info = kwargs.pop("output_loading_info", False)
         model, info = super().from_pretrained(*args, output_loading_info=True, **kwargs)
-        hint = (
-            "Check that the checkpoint is complete (all shards present) and that its config matches it "
-            "(num_hidden_layers, num_experts, moe_layer_freq, shared_expert_intermediate_size, "
-            "moe_router_enable_expert_bias, qk_layernorm, attention_bias, tie_word_embeddings)."
-        )
-        for kind, verb in (("missing_keys", "is missing"), ("unexpected_keys", "has unused")):
-            keys = sorted(info.get(kind) or [])
-            if keys:
-                shown = ", ".join(keys[:20]) + (f", ... ({len(keys)} in all)" if len(keys) > 20 else "")
-                action = "Refusing to fill them with random values." if kind == "missing_keys" else "Refusing to ignore them."
-                raise ValueError(f"The checkpoint {verb} {len(keys)} weight(s) for {cls.__name__}: {shown}. {action} {hint}")
+        problems = loading_problems(info, cls.__name__)
+        if problems and strict:
+            raise ValueError(
+                f"{problems} Check that the checkpoint is complete (all shards present) and that its config matches "
+                "it (num_hidden_layers, num_experts, moe_layer_freq, shared_expert_intermediate_size, "
+                "moe_router_enable_expert_bias, qk_layernorm, attention_bias, tie_word_embeddings). To load it "
+                "anyway, with missing weights randomly initialised and unused ones dropped, pass strict=False."
+            )
+        if problems:
+            logger.warning(f"strict=False: {problems} Loaded anyway: its outputs are not the checkpoint's.")
         return (model, info) if want_info else model
 
     def save_pretrained(self, save_directory, *args, **kwargs):
         """Write a repo that works as Hub custom code: our .py files beside the weights and an auto_map for
-        AutoConfig, AutoModel and AutoModelForMaskedLM. Experts are saved per expert (the release's names)
+        AutoConfig, AutoModel and AutoModelForMaskedLM, plus the text-generation pipeline
+        (`pipeline_llada_moe.py`, named in `custom_pipelines`). Experts are saved per expert (the release's names)
         unless `save_original_format=False`."""
         lm_class = "LLaDAMoEForDiffusionLM"
         module = type(self).__module__.rsplit(".", 1)[-1]
@@ -429,14 +455,34 @@ class LLaDAMoEPreTrainedModel(PreTrainedModel):
             type(self).register_for_auto_class("AutoModel")
         if type(self.config)._auto_class is None:
             type(self.config).register_for_auto_class("AutoConfig")
+        pipeline_file = Path(__file__).with_name(PIPELINE_FILE)
+        if pipeline_file.is_file():  # a Hub copy of this file saved before the pipeline existed has none
+            self.config.custom_pipelines = pipeline_config()
         # transformers reverts only the conversions used at load time: a model loaded from fused (or dInfer-named)
         # weights would be saved that way. Reverting the registered mapping always gives the release's names.
         loaded_conversions = getattr(self, "_weight_conversions", None)
         self._weight_conversions = None
         try:
-            return super().save_pretrained(save_directory, *args, **kwargs)
+            result = super().save_pretrained(save_directory, *args, **kwargs)
         finally:
             self._weight_conversions = loaded_conversions
+        if pipeline_file.is_file() and kwargs.get("is_main_process", True):
+            shutil.copyfile(pipeline_file, Path(save_directory) / PIPELINE_FILE)
+        return result
+
+
+def loading_problems(info: dict, class_name: str) -> str:
+    """What strict loading refuses, as one sentence per kind ('' when the checkpoint matches the model)."""
+    sentences = []
+    for kind, verb, action in (
+        ("missing_keys", "is missing", "Refusing to fill them with random values."),
+        ("unexpected_keys", "has unused", "Refusing to ignore them."),
+    ):
+        keys = sorted(info.get(kind) or [])
+        if keys:
+            shown = ", ".join(keys[:20]) + (f", ... ({len(keys)} in all)" if len(keys) > 20 else "")
+            sentences.append(f"The checkpoint {verb} {len(keys)} weight(s) for {class_name}: {shown}. {action}")
+    return " ".join(sentences)
 
 
 class LLaDAMoEModel(LLaDAMoEPreTrainedModel):
@@ -566,6 +612,7 @@ class LLaDAMoEForDiffusionLM(LLaDAMoEPreTrainedModel, DiffusionGenerationMixin):
         self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
         self.post_init()
 
+    @can_return_tuple
     def forward(
         self,
         input_ids: torch.LongTensor | None = None,
@@ -587,7 +634,8 @@ class LLaDAMoEForDiffusionLM(LLaDAMoEPreTrainedModel, DiffusionGenerationMixin):
             Clean tokens at the masked positions and -100 elsewhere (what `LLaDAMoEDataCollator` produces).
             The loss is the masked-diffusion objective: cross-entropy on masked positions weighted by `1 / p_mask`.
         p_mask (`torch.Tensor` of shape `(batch_size, sequence_length)` or `(batch_size,)`, *optional*):
-            The masking probability t each position was noised with. Required with `labels`.
+            The masking probability t each position was noised with. Without it, `labels` give the plain masked-LM
+            loss (mean cross-entropy over the labelled positions), as transformers' masked-LM heads do.
         loss_normalizer (`torch.Tensor` of shape `(batch_size,)`, *optional*):
             Per-sequence token count the weighted loss is divided by (the answer length in SFT); defaults to
             the sequence length.
@@ -603,6 +651,7 @@ class LLaDAMoEForDiffusionLM(LLaDAMoEPreTrainedModel, DiffusionGenerationMixin):
             inputs_embeds=inputs_embeds,
             use_cache=use_cache,
             output_router_logits=output_router_logits,
+            return_dict=True,  # the body's output is read by name here, whatever config.return_dict says
             **kwargs,
         )
         hidden_states = outputs.last_hidden_state

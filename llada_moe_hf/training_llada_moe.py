@@ -32,16 +32,21 @@ def masked_diffusion_loss(
     """Cross-entropy on masked positions (labels != -100), each weighted by 1 / t, summed per sequence, divided
     by the sequence's normaliser (its length in pre-training, its answer length in SFT), averaged over the batch.
 
+    Without `p_mask` (labels alone, as transformers' masked-LM heads take them) it is the plain masked-LM loss:
+    the mean cross-entropy over the labelled positions. The LLaDA objective needs `p_mask`, which
+    `LLaDAMoEDataCollator` provides.
+
     A batch with no masked position gives 0 (connected to the graph), never NaN.
     """
-    if p_mask is None:
-        raise ValueError(
-            "labels were given without p_mask: the masked-diffusion loss weights each masked token by 1/t. "
-            "Build batches with LLaDAMoEDataCollator (or pass p_mask, the masking probability per sequence or token)."
-        )
     batch_size, seq_len = labels.shape
     if logits.shape[:2] != labels.shape:
         raise ValueError(f"labels {tuple(labels.shape)} do not match logits {tuple(logits.shape[:2])}.")
+    if p_mask is None:
+        token_loss = F.cross_entropy(
+            logits.float().reshape(-1, logits.shape[-1]), labels.reshape(-1).to(logits.device),
+            ignore_index=IGNORE_INDEX, reduction="sum",
+        )
+        return token_loss / (labels != IGNORE_INDEX).sum().clamp_min(1)
     p_mask = p_mask.to(logits.device, torch.float32)
     if p_mask.dim() == 1:
         p_mask = p_mask[:, None].expand(batch_size, seq_len)

@@ -73,7 +73,9 @@ class FakeHub:
             self.created.append(payload)
             if repo_id in self.repos:
                 return 409, {"error": "You already created this model repo", "url": f"{self.endpoint}/{repo_id}"}
-            self.repos[repo_id] = {"private": payload.get("visibility") == "private", "files": {}}
+            # huggingface_hub >= 1.8 sends "visibility"; older 1.x sends "private" (the Hub accepts both).
+            private = payload.get("visibility") == "private" or payload.get("private") is True
+            self.repos[repo_id] = {"private": private, "files": {}}
             return 200, {"url": f"{self.endpoint}/{repo_id}", "name": repo_id}
         if kind == "validate":
             payload = json.loads(body)

@@ -421,6 +421,15 @@ def test_push_to_hub_writes_custom_code_repo(tmp_path, monkeypatch):
     model = load_fixture()
     with fake_hub(token="hf_test") as hub:
         monkeypatch.setattr(huggingface_hub.constants, "ENDPOINT", hub.endpoint)
+        # Downloads build their URL from this template, made from ENDPOINT at import time (push_to_hub reads the
+        # repo's README.md first); with huggingface_hub < 2 a request to the real Hub closes the shared client.
+        monkeypatch.setattr(huggingface_hub.constants, "HUGGINGFACE_CO_URL_TEMPLATE",
+                            hub.endpoint + "/{repo_id}/resolve/{revision}/{filename}")
+        # transformers >= 5.24 keeps one HfApi, made with the endpoint of its first use (maybe an earlier test).
+        import transformers.utils.hub
+
+        if hasattr(transformers.utils.hub, "_hf_api"):
+            monkeypatch.setattr(transformers.utils.hub, "_hf_api", None)
         model.push_to_hub("me/llada-moe-tiny", token="hf_test")
         pushed = hub.files("me/llada-moe-tiny")
     for name in ("config.json", "configuration_llada_moe.py", "modeling_llada_moe.py", "model.safetensors"):

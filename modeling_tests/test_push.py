@@ -34,7 +34,7 @@ def pushed(tmp_path_factory):
 def test_every_file_arrives_byte_identical_in_one_commit(pushed):
     code, dst, hub = pushed
     assert code == 0
-    assert len(hub.commits) == 1 and hub.created[0]["visibility"] == "private"
+    assert len(hub.commits) == 1 and hub.repos["me/tiny"]["private"]
     remote = hub.files("me/tiny")
     local = {p.relative_to(dst).as_posix(): p.read_bytes() for p in dst.rglob("*") if p.is_file()}
     assert remote.keys() == local.keys() and "model.safetensors" in remote and "README.md" in remote

@@ -123,11 +123,13 @@ def test_no_masked_position_gives_zero_not_nan():
     assert both.item() == pytest.approx(hand_loss(logits, ids, (labels != -100).tolist(), [0.5, 0.5], [4.0, 4.0]), rel=1e-5)
 
 
-def test_labels_without_p_mask_are_refused():
+def test_labels_without_p_mask_give_the_plain_masked_lm_loss():
+    # transformers' contract for a model with a masked-LM head (issue 12): labels alone give a loss, the mean
+    # cross-entropy over the labelled positions (the LLaDA objective needs p_mask; the collator provides it).
     model = LLaDAMoEForDiffusionLM(tiny_config())
     ids = torch.randint(0, PAD, (1, 5))
-    with pytest.raises(ValueError, match="p_mask"):
-        model(ids, labels=ids)
+    out = model(ids, labels=ids)
+    assert out.loss.item() == pytest.approx(F.cross_entropy(out.logits[0].float(), ids[0]).item(), rel=1e-6)
     with pytest.raises(ValueError, match="do not match"):
         masked_diffusion_loss(torch.zeros(1, 5, 96), ids[:, :4], torch.ones(1))
 
