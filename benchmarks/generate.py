@@ -100,8 +100,8 @@ def tiny_model_and_prompts(args, batch_sizes):
 
     from llada_moe_hf.demo import TINY_ASSET_DIR, chat_prompt, held_out_questions
 
-    tokenizer = AutoTokenizer.from_pretrained(TINY_ASSET_DIR, trust_remote_code=False)
     model = LLaDAMoEForDiffusionLM.from_pretrained(TINY_ASSET_DIR, attn_implementation=args.attn).to(args.device)
+    tokenizer = AutoTokenizer.from_pretrained(TINY_ASSET_DIR, config=model.config, trust_remote_code=False)
     questions = held_out_questions(max(batch_sizes), seed=77)
     prompts = {}
     for batch_size in batch_sizes:

@@ -30,7 +30,7 @@ RELEASE_AUTO_MAP = {
 }
 RELEASE_CODE_FILES = ("configuration_lladamoe.py", "modeling_lladamoe.py")
 # Keys of this package's config.json that the release's config.json does not have.
-PACKAGE_ONLY_KEYS = ("rope_parameters", "mask_token_id", "dtype", "auto_map")
+PACKAGE_ONLY_KEYS = ("rope_parameters", "mask_token_id", "dtype", "auto_map", "custom_pipelines")
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 

@@ -58,7 +58,7 @@ def main(argv=None):
     model = LLaDAMoEForDiffusionLM.from_pretrained(
         args.model, dtype=dtype, distributed_config=parallel, experts_implementation=args.experts_implementation
     ).eval()
-    tokenizer = AutoTokenizer.from_pretrained(args.model, trust_remote_code=False)
+    tokenizer = AutoTokenizer.from_pretrained(args.model, config=model.config, trust_remote_code=False)
     prompt_ids = encode_chat(tokenizer, [{"role": "user", "content": args.prompt}])
     input_ids = torch.tensor([prompt_ids], device=model.device)
     output = model.generate(

@@ -117,7 +117,11 @@ def parallel_load_kwargs(args) -> dict:
 def parallel_training_args(args) -> dict:
     """TrainingArguments for the launch (Trainer itself runs data parallel under torchrun)."""
     # Trainer cannot checkpoint the optimizer of a model sharded at load time: checkpoints hold the adapter.
-    return {"save_only_model": True} if args.fsdp else {}
+    if args.fsdp:
+        return {"save_only_model": True}
+    # Data parallel: every LoRA weight gets a gradient at every step (the expert adapters act on the whole fused
+    # weight), so DDP need not search for unused ones (Trainer's default, with a warning every run).
+    return {"ddp_find_unused_parameters": False} if launched_distributed() else {}
 
 
 def read_jsonl(path: Path) -> list[dict]:
@@ -140,22 +144,23 @@ def read_jsonl(path: Path) -> list[dict]:
 
 
 def load_model_and_tokenizer(args, dtype):
+    # The tokenizer is loaded with the model's config: without it AutoTokenizer reads config.json itself, whose
+    # release model_type ("llada", with an auto_map) it does not know (a remote-code prompt, or warnings).
     if args.model:
-        # No tokenizer code: the release's config.json has an auto_map, which would prompt for remote code.
-        tokenizer = AutoTokenizer.from_pretrained(args.model, trust_remote_code=False)
         kwargs = dict(dtype=dtype, experts_implementation=args.experts_implementation, **parallel_load_kwargs(args))
         if args.trust_remote_code:
             model = AutoModel.from_pretrained(args.model, trust_remote_code=True, **kwargs)
         else:
             # The class, not AutoModel: it also loads the Hub release, whose model_type "llada" is no Auto key.
             model = LLaDAMoEForDiffusionLM.from_pretrained(args.model, **kwargs)
+        tokenizer = AutoTokenizer.from_pretrained(args.model, config=model.config, trust_remote_code=False)
         return model, tokenizer, args.model
     from llada_moe_hf.demo import TINY_ASSET_DIR
 
     if (TINY_ASSET_DIR / "config.json").is_file():
         print(f"[tiny] using the package's embedded tiny model: {TINY_ASSET_DIR}")
-        tokenizer = AutoTokenizer.from_pretrained(TINY_ASSET_DIR, trust_remote_code=False)  # no prompt: no code
         model = LLaDAMoEForDiffusionLM.from_pretrained(TINY_ASSET_DIR, dtype=dtype, **parallel_load_kwargs(args))
+        tokenizer = AutoTokenizer.from_pretrained(TINY_ASSET_DIR, config=model.config, trust_remote_code=False)
         return model, tokenizer, str(TINY_ASSET_DIR)
     return build_tiny_random(args, dtype, Path(args.output_dir) / "tiny-random-base")
 
@@ -293,7 +298,9 @@ def main(argv=None):
     dtype = pick_dtype(args.dtype)
     model, tokenizer, base_name = load_model_and_tokenizer(args, dtype)
     tiny = args.model is None
-    eval_questions = args.eval_questions if args.eval_questions is not None else (128 if tiny else 0)
+    # Held-out accuracy of the tiny model's tasks by default on one process (every rank would repeat it).
+    default_questions = 128 if tiny and not launched_distributed() else 0
+    eval_questions = args.eval_questions if args.eval_questions is not None else default_questions
 
     features = build_features(args, tokenizer)
     config = model.config

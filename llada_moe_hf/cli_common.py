@@ -191,15 +191,16 @@ def check_tokenizer_source(model: str, tokenizer: str | None) -> str:
     return name
 
 
-def load_tokenizer(model: str, tokenizer: str | None):
-    """AutoTokenizer for MODEL (or --tokenizer), never as remote code, with errors that name the fix."""
+def load_tokenizer(model: str, tokenizer: str | None, config=None):
+    """AutoTokenizer for MODEL (or --tokenizer), never as remote code, with errors that name the fix. `config` (the
+    model's) spares AutoTokenizer reading config.json itself, whose release model_type ("llada") it does not know."""
     from transformers import AutoTokenizer
 
     name = check_tokenizer_source(model, tokenizer)
     try:
         # The tokenizer itself is never custom code (the release ships tokenizer.json); without this flag the
         # config.json's auto_map would make transformers ask whether to run remote code.
-        return AutoTokenizer.from_pretrained(name, trust_remote_code=False)
+        return AutoTokenizer.from_pretrained(name, trust_remote_code=False, **({"config": config} if config else {}))
     except (OSError, ValueError) as err:
         raise ValueError(f"could not load a tokenizer from {name!r} ({err}). Pass --tokenizer DIR_OR_HUB_ID.") from None
 

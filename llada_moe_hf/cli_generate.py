@@ -102,9 +102,15 @@ def load_model_and_tokenizer(args):
     """The model on its device, in eval mode, and its tokenizer (with a chat template). ValueError on bad input."""
     from .modeling_llada_moe import LLaDAMoEForDiffusionLM
 
+    from .configuration_llada_moe import LLaDAMoEConfig
+
     source = check_source(args.model, "MODEL")
     check_local_checkpoint(source)
-    tokenizer = load_tokenizer(source, args.tokenizer)
+    try:
+        config = LLaDAMoEConfig.from_pretrained(source)
+    except OSError as err:
+        raise ValueError(f"could not read the model's config.json from {source!r}: {err}") from None
+    tokenizer = load_tokenizer(source, args.tokenizer, config)
     device = resolve_device(args.device)
     try:
         sharded = from_pretrained_kwargs(args)  # under torchrun: tensor/expert parallel over the processes

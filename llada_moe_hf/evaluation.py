@@ -392,7 +392,9 @@ class LLaDAMoEEvalLM(TemplateLM):
         if isinstance(tokenizer, (str, os.PathLike)) or tokenizer is None:
             tokenizer_source = _resolve_pretrained(tokenizer) if tokenizer is not None else source
             # The tokenizer is never custom code; without the flag the release's auto_map makes transformers ask.
-            tokenizer = AutoTokenizer.from_pretrained(tokenizer_source, trust_remote_code=False, revision=revision)
+            tokenizer = AutoTokenizer.from_pretrained(
+                tokenizer_source, config=model.config, trust_remote_code=False, revision=revision
+            )
         ensure_chat_template(tokenizer)
         return model, tokenizer
 

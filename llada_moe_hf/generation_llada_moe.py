@@ -869,6 +869,7 @@ class DiffusionGenerationMixin:
             position_ids=position_ids,
             cache=cache,
             logits_to_keep=window_index - query_index[:1],
+            return_dict=True,  # whatever config.return_dict says
         ).logits
         if settings.guidance:
             cond, uncond = logits.chunk(2, dim=0)

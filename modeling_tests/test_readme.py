@@ -55,12 +55,6 @@ CONVERTED_REPO_ID = "me/LLaDA-MoE-7B-A1B-Instruct-hf"
 NOISE = re.compile(r"(\w*Warning\b|\bdeprecated\b|You are using a model of type)")
 # (message, text of the blocks it is tolerated in, why): warnings being fixed elsewhere or not ours to fix.
 KNOWN_NOISE = [
-    # The lead's branch renames past_key_values to cache (transformers 5.24); remove this entry once merged.
-    ("`past_key_values`/`cache_params` are deprecated", "", "cache rename, issue 12 item 2 (lead's branch)"),
-    # cli_generate.py loads the release's tokenizer without the model's config (AutoTokenizer then falls back to a
-    # generic config); remove these once it passes config=model.config.
-    ("You are using a model of type `llada` to instantiate", "llada-moe ", "CLI tokenizer load (issue 12 item 5)"),
-    ("`rope_scaling` is deprecated", "llada-moe ", "CLI tokenizer load (issue 12 item 5)"),
     # transformers 5.24 renamed TrainingArguments(gradient_checkpointing=) to activation_checkpointing=, which 5.17
     # (our floor) does not have: the README keeps the name both versions accept.
     ("`gradient_checkpointing` is deprecated", "gradient_checkpointing=True", "renamed in transformers 5.24"),
