@@ -77,7 +77,7 @@ def parse_args(argv=None):
     parser.add_argument("--save-steps", type=int, default=100)
     parser.add_argument("--eval-questions", type=int, default=None,
                         help="held-out questions per task for the tiny tasks' accuracy before and after training "
-                        "(default: 128 for the tiny model, 0 = off otherwise)")
+                        "(default: 128 for the tiny model on one process, 0 = off otherwise)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--trust-remote-code", action="store_true",
                         help="load --model as custom code instead of with this package")
