@@ -11,7 +11,6 @@ without it: the committed results in benchmarks/results/ change only when named 
 """
 
 import argparse
-import json
 import os
 import platform
 import statistics
@@ -23,7 +22,7 @@ import transformers
 from transformers import OlmoeConfig, OlmoeForCausalLM
 
 from llada_moe_hf import LLaDAMoEConfig, LLaDAMoEForDiffusionLM
-from provenance import git_state
+from provenance import git_state, write_json
 
 
 def shapes(real: bool, layers: int | None) -> dict:
@@ -170,21 +169,6 @@ def main(argv=None):
         )
     print("ratio = LLaDA-MoE time / OLMoE time (below 1.10 meets the 'within 10%' target)")
     write_json(result, args.out)
-
-
-def write_json(result: dict, path: str | None):
-    """Write through a temporary file beside PATH, so an interrupted run leaves PATH as it was."""
-    if not path:
-        print("results not written (pass --out PATH to write the JSON)")
-        return
-    import os
-
-    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-    tmp = path + ".tmp"
-    with open(tmp, "w") as f:
-        json.dump(result, f, indent=2)
-    os.replace(tmp, path)
-    print(f"wrote {path}")
 
 
 if __name__ == "__main__":

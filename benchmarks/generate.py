@@ -9,7 +9,7 @@ Models (`--model`):
   * real: the LLaDA-MoE-7B-A1B shape (16 layers, hidden 2048, 64 experts of width 1024, top-8, vocab 157184)
     with random bf16 weights built on the device; `real-small` shrinks it to check the code path on a CPU.
 
-Commands (each writes JSON to --out; nothing is written into benchmarks/results unless you say so):
+Commands (each prints a table and writes JSON to --out; without --out nothing is written):
     python benchmarks/generate.py --model tiny --batch-sizes 1,64 --out /tmp/generate_tiny.json
     python benchmarks/generate.py --model mid --out /tmp/generate_mid.json
     python benchmarks/generate.py --device cuda --model real --prompt-length 512 --gen-length 1024 \\
@@ -28,7 +28,6 @@ says nothing about a cache's quality (modeling_tests/test_decoding.py checks tha
 
 import argparse
 import itertools
-import json
 import os
 import platform
 import statistics
@@ -39,7 +38,7 @@ import transformers
 
 import llada_moe_hf
 from llada_moe_hf import LLaDAMoEConfig, LLaDAMoEForDiffusionLM
-from provenance import git_state
+from provenance import git_state, write_json
 
 
 H100_FLOOR_MS = 4.7  # one batch-1 forward of the real shape streams 14.07 GB of weights at 3.0 TB/s
@@ -175,7 +174,8 @@ def parse_args(argv):
     parser.add_argument("--sharpen", type=float, default=25.0, help="random models: scale of the output layer")
     parser.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's)")
     parser.add_argument("--repeats", type=int, default=3, help="timed runs per row, round-robin (median)")
-    parser.add_argument("--out", required=True, help="where to write the JSON (e.g. /tmp/generate.json)")
+    parser.add_argument("--out", "--json", dest="out", default=None,
+                        help="where to write the JSON, e.g. /tmp/generate.json (none if unset)")
     args = parser.parse_args(argv)
     args.gen_length = args.gen_length or {"tiny": 16, "real": 1024}.get(args.model, 64)
     args.prompt_length = args.prompt_length or (512 if args.model == "real" else 128)
@@ -308,12 +308,7 @@ def main(argv=None):
         "load_average_at_end": os.getloadavg() if hasattr(os, "getloadavg") else None,
         "results": results,
     }
-    os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
-    tmp = args.out + ".tmp"
-    with open(tmp, "w") as f:
-        json.dump(report, f, indent=2)
-    os.replace(tmp, args.out)
-    print(f"wrote {args.out}")
+    write_json(report, args.out)
     return report
 
 

@@ -1,7 +1,7 @@
-"""Which code a benchmark measured: the git commit of the repository and whether the work tree had changes.
+"""Which code a benchmark measured, and writing its JSON: the git commit of the repository and whether the work tree had changes.
 
 Every benchmark script writes `git_state()` into its JSON under "git", so that a result can be tied to a commit
-(and a result measured on uncommitted code says so).
+(and a result measured on uncommitted code says so). `write_json` is how every benchmark writes its results.
 """
 
 import os
@@ -25,6 +25,26 @@ def git_state() -> dict:
     except (OSError, subprocess.SubprocessError) as error:
         return {"commit": None, "dirty": None, "error": f"{type(error).__name__}: {error}"[:300]}
     return {"commit": commit, "dirty": bool(changed), "changed": changed[:20]}
+
+
+def write_json(report: dict, path: str | None) -> None:
+    """Write REPORT to PATH through a temporary file beside it, so an interrupted run leaves PATH as it was; without
+    a path nothing is written (running a README command never overwrites the committed results)."""
+    if not path:
+        print("results not written (pass --out PATH to write the JSON)")
+        return
+    import json
+
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    tmp = path + ".tmp"
+    try:
+        with open(tmp, "w") as f:
+            json.dump(report, f, indent=2)
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+    print(f"wrote {path}")
 
 
 if __name__ == "__main__":

@@ -259,10 +259,11 @@ def run_script(args, tmp_path, timeout=300):
 @pytest.mark.slow
 def test_forward_benchmark_writes_its_commit_and_not_over_the_results(tmp_path):
     committed = (RESULTS / "forward_cpu.json").read_bytes()
-    proc = run_script([str(REPO_ROOT / "benchmarks" / "forward.py"), "--tokens", "8", "--reps", "1", "--layers", "1"],
-                      tmp_path)  # fmt: skip
+    out = tmp_path / "forward.json"
+    proc = run_script([str(REPO_ROOT / "benchmarks" / "forward.py"), "--tokens", "8", "--reps", "1", "--layers", "1",
+                       "--out", str(out)], tmp_path)  # fmt: skip
     assert proc.returncode == 0, proc.stderr[-3000:]
-    data = json.loads((tmp_path / "forward_cpu.json").read_text())  # the default path is in the working directory
+    data = json.loads(out.read_text())
     assert data["git"]["commit"] == head_commit() and isinstance(data["git"]["dirty"], (bool, type(None)))
     assert data["reps"] == 1 and "--reps 1" in data["command"]
     assert (RESULTS / "forward_cpu.json").read_bytes() == committed
