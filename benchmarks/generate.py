@@ -122,7 +122,7 @@ def synchronize(device):
 
 def generate_kwargs(mode, implementation, block_length, args, ids) -> dict:
     kwargs = dict(
-        max_new_tokens=args.gen_length, block_length=block_length, stop_at_eos=args.model == "tiny",
+        max_new_tokens=args.gen_length, block_length=block_length, stop_at_eos=args.stop_at_eos,
         return_dict_in_generate=True, **ids, **MODES[mode], **IMPLEMENTATIONS[implementation],
     )
     if "threshold" not in MODES[mode]:
@@ -173,10 +173,13 @@ def parse_args(argv):
     parser.add_argument("--implementations", default="eager,static", help="comma-separated: eager, static")
     parser.add_argument("--sharpen", type=float, default=25.0, help="random models: scale of the output layer")
     parser.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's)")
+    parser.add_argument("--no-stop-at-eos", dest="stop_at_eos", action="store_false",
+                        help="tiny model: keep decoding after the answer (every block, the loop's steady state)")
     parser.add_argument("--repeats", type=int, default=3, help="timed runs per row, round-robin (median)")
     parser.add_argument("--out", "--json", dest="out", default=None,
                         help="where to write the JSON, e.g. /tmp/generate.json (none if unset)")
     args = parser.parse_args(argv)
+    args.stop_at_eos = args.stop_at_eos and args.model == "tiny"  # random models have no answer to end
     args.gen_length = args.gen_length or {"tiny": 16, "real": 1024}.get(args.model, 64)
     args.prompt_length = args.prompt_length or (512 if args.model == "real" else 128)
     args.block_lengths = split(args.block_lengths or ("8" if args.model == "tiny" else "32"), int)
@@ -301,6 +304,7 @@ def main(argv=None):
             "tokens_per_step_fixed_schedule": args.tokens_per_step,
         },
         "threshold": 0.9,
+        "stop_at_eos": args.stop_at_eos,
         "sharpen": None if args.model == "tiny" else args.sharpen,
         "repeats": args.repeats,
         "model_build_seconds": build_seconds,
