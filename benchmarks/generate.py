@@ -51,6 +51,15 @@ MODES = {
     "threshold+dual": dict(cache_mode="dual", threshold=0.9),
 }
 IMPLEMENTATIONS = {"eager": {}, "static": dict(cache_implementation="static")}
+STAND_IN = "stand_in"  # --experts value: not the model's experts, a timing device (see register_stand_in)
+
+
+def register_stand_in():
+    """An experts implementation that costs nearly nothing (each token scaled by its routing weights' sum): rows
+    with it time everything but the experts. Its tokens are not the model's; eager and static still agree."""
+    from transformers.integrations.moe import ExpertsInterface
+
+    ExpertsInterface.register(STAND_IN, lambda self, hidden, index, weights: hidden * weights.sum(-1, keepdim=True))
 
 
 def model_config(args) -> LLaDAMoEConfig:
@@ -163,7 +172,8 @@ def parse_args(argv):
     parser.add_argument("--dtype", default=None, help="default: bfloat16 for real shapes, else float32")
     parser.add_argument("--attn", default="sdpa")
     parser.add_argument("--experts", default=None,
-                        help="comma-separated experts implementations to compare (default: the model's default)")
+                        help="comma-separated experts implementations to compare (default: the model's default); "
+                        f"'{STAND_IN}' replaces the experts by a nearly free stand-in, to time the rest of the step")
     parser.add_argument("--batch-sizes", default="1", help="comma-separated, e.g. 1,8,32")
     parser.add_argument("--prompt-length", type=int, default=None, help="random models: default 512 real, else 128")
     parser.add_argument("--gen-length", type=int, default=None, help="default 16 tiny, 1024 real, else 64")
@@ -187,6 +197,8 @@ def parse_args(argv):
     args.modes = split(args.modes or ",".join(MODES))
     args.implementations = split(args.implementations)
     args.experts = split(args.experts) if args.experts else [None]
+    if STAND_IN in args.experts:
+        register_stand_in()
     for name, allowed in (("modes", MODES), ("implementations", IMPLEMENTATIONS)):
         unknown = [v for v in getattr(args, name) if v not in allowed]
         if unknown:
@@ -203,6 +215,7 @@ def main(argv=None):
     args = parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
+    machine = machine_info(args.device)  # before the run: its load average is the one at the start
     torch.manual_seed(0)
     start = time.perf_counter()
     if args.model == "tiny":
@@ -287,7 +300,7 @@ def main(argv=None):
         "benchmark": "generate",
         "command": "python benchmarks/generate.py " + " ".join(argv if argv is not None else os.sys.argv[1:]),
         "git": git_state(),
-        "machine": machine_info(args.device),
+        "machine": machine,
         "versions": {
             "python": platform.python_version(), "torch": torch.__version__, "transformers": transformers.__version__,
             "llada_moe_hf": llada_moe_hf.__version__,

@@ -1,4 +1,5 @@
-"""Which code a benchmark measured, and writing its JSON: the git commit of the repository and whether the work tree had changes.
+"""Which code a benchmark measured (the git commit of the repository and whether the work tree had changes),
+and writing its JSON.
 
 Every benchmark script writes `git_state()` into its JSON under "git", so that a result can be tied to a commit
 (and a result measured on uncommitted code says so). `write_json` is how every benchmark writes its results.

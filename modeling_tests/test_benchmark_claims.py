@@ -60,18 +60,44 @@ def upper_bound(x):
 # ----------------------------------------------------------------------------------------------- generation
 
 
-def test_generate_cpu_table_and_figures():
-    data = result("generate_cpu.json")
-    rows = [
-        [mode, f"{r['tokens_per_s']:.1f}", str(r["forward_passes"]), f"{r['tokens_per_forward']:.2f}",
-         f"{r['ms_per_step']:.1f}", f"{r['speedup_vs_exact']:.2f}x", f"{r['fraction_tokens_equal_to_exact']:.2f}"]
-        for mode, r in data["results"].items()
+def generate_rows(data, with_block=False):
+    """The README's rows for a `benchmarks/generate.py` JSON (eager and static side by side)."""
+    return [
+        [*([str(r["block_length"])] if with_block else []), str(r["batch_size"]), r["mode"], r["implementation"],
+         f"{r['tokens_per_s']:.1f}", str(r["forward_passes"]), f"{r['tokens_per_forward']:.2f}",
+         f"{r['ms_per_step']:.2f}", f"{r['speedup_vs_eager']:.2f}x", f"{r['same_tokens_as_eager']:.2f}",
+         f"{r['first_call_seconds']:.1f}"]
+        for r in data["results"]
     ]  # fmt: skip
-    assert_table("`benchmarks/results/generate_cpu.json`):", rows)
-    in_readme(f"median of {data['repeats']} round-robin runs")
-    positions = data["shapes"]["prompt_length"] + data["shapes"]["gen_length"]
-    equal = round(data["results"]["prefix-cache"]["fraction_tokens_equal_to_exact"] * positions)
-    in_readme(f"({equal}/{positions}) means that {positions - equal}\nof the {data['shapes']['gen_length']} generated")
+
+
+GENERATE_CPU = ["generate_cpu_tiny.json", "generate_cpu_tiny_64.json", "generate_cpu_mid.json"]
+
+
+@pytest.mark.parametrize("name", [*GENERATE_CPU, "generate_cpu_tiny_stand_in.json"])
+def test_generate_cpu_tables(name):
+    data = result(name)
+    assert data["git"]["commit"] and data["machine"]["cpu_count"] and data["versions"]["torch"]
+    if name != "generate_cpu_tiny_stand_in.json":  # its figures are quoted in the prose (below)
+        assert_table(f"`benchmarks/results/{name}`", generate_rows(data))
+    command = data["command"].split(" --out ")[0]
+    assert command in README.replace(" \\\n    ", " "), command
+    # the static path's tokens are the eager path's in every row (the tests check it token for token)
+    assert all(r["same_tokens_as_eager"] == 1.0 for r in data["results"])
+
+
+def test_generate_cpu_static_figures():
+    """The prose's ranges of the static path's speedup are the JSON's."""
+    for name in ("generate_cpu_tiny.json", "generate_cpu_tiny_64.json"):
+        speedups = [r["speedup_vs_eager"] for r in result(name)["results"] if r["implementation"] == "static"]
+        in_readme(f"{min(speedups):.2f}x to {max(speedups):.2f}x")
+    stand_in = result("generate_cpu_tiny_stand_in.json")["results"]
+    rows = {(r["experts"], r["mode"]): r["speedup_vs_eager"] for r in stand_in if r["implementation"] == "static"}
+    in_readme(f"runs {rows['stand_in', 'exact']:.2f}x (exact) and {rows['stand_in', 'dual-cache']:.2f}x (dual\ncache)")
+    in_readme(f"against {rows['grouped_mm', 'exact']:.2f}x and {rows['grouped_mm', 'dual-cache']:.2f}x with the real")
+    first = max(r["first_call_seconds"] for name in GENERATE_CPU for r in result(name)["results"]
+                if r["implementation"] == "static")  # fmt: skip
+    in_readme(f"up to {first:.1f} s")
 
 
 def test_generate_cuda_table_and_figures():
@@ -234,7 +260,7 @@ def test_every_result_names_the_code_it_measured():
 
 def test_every_benchmark_script_records_the_commit():
     scripts = sorted((REPO_ROOT / "benchmarks").glob("*.py"))
-    writers = [p for p in scripts if "json.dump" in p.read_text()]
+    writers = [p for p in scripts if p.name != "provenance.py" and re.search(r"json\.dump|write_json\(", p.read_text())]
     assert len(writers) >= 6, writers
     for path in writers:
         assert '"git": git_state()' in path.read_text(), f"{path.name} writes JSON without the git commit"

@@ -59,6 +59,8 @@ KNOWN_NOISE = [
     # (our floor) does not have: the README keeps the name both versions accept.
     ("`gradient_checkpointing` is deprecated", "gradient_checkpointing=True", "renamed in transformers 5.24"),
     ("warnings.warn(f\"`{old}` is deprecated", "gradient_checkpointing=True", "the line Python prints under it"),
+    # torch.compile (torch 2.13) imports a torch.jit helper that warns; only shown under -W default, as here.
+    ("`torch.jit.script_method` is deprecated", 'cache_implementation="static"', "torch's own, from torch.compile"),
 ]
 
 
