@@ -18,14 +18,12 @@ What it counts:
 """
 
 import argparse
-import json
 import re
-from pathlib import Path
 
 import torch
 
 from llada_moe_hf import LLaDAMoEConfig, LLaDAMoEForDiffusionLM
-from provenance import git_state
+from provenance import git_state, write_json
 
 
 GB = 1e9
@@ -116,10 +114,7 @@ def main(argv=None):
     for n in args.sizes:
         lora = ", ".join(f"{training[t]['total_gb_per_rank'][n]:.1f} GB" for t in args.tokens)
         print(f"{n:>5} | {inference['bf16_gb_per_rank'][n]:>8.2f} GB | {lora}")
-    if args.out:
-        Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-        Path(args.out).write_text(json.dumps(result, indent=2) + "\n")
-        print(f"wrote {args.out}")
+    write_json(result, args.out)
     return result
 
 

@@ -26,7 +26,7 @@ from pathlib import Path
 import torch
 import torch.multiprocessing as mp
 
-from provenance import git_state
+from provenance import git_state, write_json
 
 
 ATTENTION = "model.layers.*.self_attn"
@@ -229,10 +229,7 @@ def main(argv=None):
     for name, counts in measured["collectives_per_forward"].items():
         print(f"{name}: {counts['all_gather']} all-gathers and {counts['all_reduce']} all-reduces per forward "
               f"({args.layers} layers)")
-    if args.out:
-        Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-        Path(args.out).write_text(json.dumps(result, indent=2) + "\n")
-        print(f"wrote {args.out}")
+    write_json(result, args.out)
     return result
 
 

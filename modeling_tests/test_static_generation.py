@@ -361,20 +361,7 @@ def test_static_settings_are_generation_config_fields(tiny, tmp_path, padded_bat
 
 def test_static_path_streams(tiny):
     model, tokenizer = tiny
-    from transformers.generation.streamers import BaseStreamer
-
-    class Recorder(BaseStreamer):
-        def __init__(self):
-            self.events = []
-
-        def put(self, value):
-            self.events.append(("put", value.clone()))
-
-        def put_draft(self, value):
-            self.events.append(("draft", value.clone()))
-
-        def end(self):
-            self.events.append(("end", None))
+    from test_generation import RecordingStreamer as Recorder
 
     prompt = tokenizer(chat_prompt(tokenizer, "sort", [9, 2, 7, 1]), return_tensors="pt").input_ids
     kwargs = tiny_kwargs(tokenizer, steps=8, stop_at_eos=False, return_dict_in_generate=False)
