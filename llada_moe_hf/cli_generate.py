@@ -69,8 +69,9 @@ def add_sampling_arguments(parser: argparse.ArgumentParser):
                        help=f"confidence-threshold parallel decoding, e.g. 0.9 (default: {STORED} off)")
     group.add_argument("--cache-mode", choices=CACHE_MODES, help=f"approximate KV cache (default: {STORED} none)")
     group.add_argument("--cache-implementation", choices=["static"],
-                       help="static: fixed shapes and a compiled denoising step, same tokens, much less overhead per "
-                            "step; the first call compiles (tens of seconds to minutes) (default: "
+                       help="static: fixed shapes and a compiled denoising step (same tokens, less overhead per "
+                            "step); the first call compiles (seconds to minutes), so it pays off in a chat or a long "
+                            "generation (default: "
                             f"{STORED} none, eager)")
     group.add_argument("--no-stop-at-eos", dest="stop_at_eos", action="store_const", const=False, default=None,
                        help="always fill all max-new-tokens positions (default: stop at the first finished block "

@@ -921,7 +921,7 @@ class DiffusionGenerationMixin:
                 "cache_implementation='static' compiles the denoising step, and the eager experts loop over the "
                 "experts a batch hits (a loop that depends on the data, which cannot be compiled). Use "
                 "experts_implementation='grouped_mm' (the default) or 'fused_moe' (model.set_experts_implementation"
-                "(...)), or pass disable_compile=True."
+                "(...); on the command line --experts-implementation), or pass disable_compile=True."
             )
         compiled = self.__dict__.setdefault("_compiled_diffusion_steps", {})
         mode = "reduce-overhead" if device.type == "cuda" else None
