@@ -27,6 +27,10 @@ Convention (for whoever edits the README):
   default here; `python -m pytest modeling_tests/test_readme.py -q -rs` lists only them).
 * A block fails if it exits non-zero or prints a warning (a Python warning, or a transformers warning such as a
   deprecation): the manual's code must run cleanly. KNOWN_NOISE lists the exceptions being fixed elsewhere.
+* A block that needs newer versions than the lowest that pyproject declares (the README says so beside it) gets
+      <!-- readme-test: requires (transformers>=5.20 peft>=0.21) -->
+  instead: it runs where the installed versions meet every requirement, and is a skip with the reason elsewhere
+  (CI's lowest-versions environment).
 * Only `python` and `bash` blocks run. Other fences must name their language (`text`, `json`, ...); the shell
   and Python aliases (`sh`, `shell`, `console`, `py`, ...) are refused so that no command escapes this test.
 """
@@ -49,6 +53,7 @@ ASSET_DIR = REPO_ROOT / "llada_moe_hf" / "assets" / "tiny"
 RUN_LANGUAGES = ("python", "bash")
 REFUSED_LANGUAGES = {"sh", "shell", "console", "shell-session", "zsh", "py", "python3", "pycon", "ipython"}
 SKIP_MARKER = re.compile(r"^<!-- readme-test: skip \((?P<reason>.*\S.*)\) -->$")
+REQUIRES_MARKER = re.compile(r"^<!-- readme-test: requires \((?P<requirements>[^()]*\S[^()]*)\) -->$")
 FENCE = re.compile(r"^```(?P<lang>[\w+-]*)\s*$")
 CONVERTED_REPO_ID = "me/LLaDA-MoE-7B-A1B-Instruct-hf"
 # Lines of output that are warnings. Progress bars and the programs' own output are not.
@@ -70,6 +75,7 @@ class Block:
     lang: str
     code: str
     skip: str | None  # the reason, for a skipped block
+    requires: str | None = None  # requirements such as "transformers>=5.20 peft>=0.21"
 
     @property
     def id(self):
@@ -85,13 +91,16 @@ def parse_readme(text: str) -> tuple[list[Block], list[str]]:
         match = FENCE.match(lines[i])
         if not match:
             if lines[i].lstrip().startswith("<!--") and "readme-test" in lines[i]:  # prose may name the marker
-                marker = SKIP_MARKER.match(lines[i].strip())
+                marker = SKIP_MARKER.match(lines[i].strip()) or REQUIRES_MARKER.match(lines[i].strip())
                 below = FENCE.match(lines[i + 1]) if i + 1 < len(lines) else None
                 if not marker:
                     problems.append(f"line {i + 1}: malformed marker {lines[i]!r}; write "
-                                    "<!-- readme-test: skip (REASON) --> with a non-empty REASON")
+                                    "<!-- readme-test: skip (REASON) --> with a non-empty REASON, or "
+                                    "<!-- readme-test: requires (transformers>=5.20 ...) -->")
                 elif below is None or below["lang"] not in RUN_LANGUAGES:
-                    problems.append(f"line {i + 1}: a skip marker must sit right above a ```python or ```bash fence")
+                    problems.append(f"line {i + 1}: a marker must sit right above a ```python or ```bash fence")
+                elif "requirements" in marker.groupdict() and (error := requirement_problem(marker["requirements"])):
+                    problems.append(f"line {i + 1}: {error}")
             i += 1
             continue
         lang, start = match["lang"], i
@@ -104,10 +113,42 @@ def parse_readme(text: str) -> tuple[list[Block], list[str]]:
                             "or name another language (text, json, ...)")
         previous = lines[start - 1].strip() if start else ""
         marker = SKIP_MARKER.match(previous)
+        requires = REQUIRES_MARKER.match(previous)
         blocks.append(Block(start + 1, lang, "\n".join(lines[start + 1:end]) + "\n",
-                            marker["reason"].strip() if marker else None))
+                            marker["reason"].strip() if marker else None,
+                            requires["requirements"].strip() if requires else None))
         i = end + 1
     return blocks, problems
+
+
+def requirement_problem(requirements: str) -> str | None:
+    """Why a requires marker's text is not a list of requirements (None when it is)."""
+    from packaging.requirements import InvalidRequirement, Requirement
+
+    for item in requirements.split():
+        try:
+            Requirement(item)
+        except InvalidRequirement as error:
+            return f"requires marker: {item!r} is not a requirement such as transformers>=5.20 ({error})"
+    return None
+
+
+def unmet_requirements(requirements: str) -> list[str]:
+    """The requirements the installed packages do not meet, each with the installed version."""
+    from importlib.metadata import PackageNotFoundError, version
+
+    from packaging.requirements import Requirement
+
+    unmet = []
+    for item in requirements.split():
+        requirement = Requirement(item)
+        try:
+            installed = version(requirement.name)
+        except PackageNotFoundError:
+            installed = None
+        if installed is None or not requirement.specifier.contains(installed, prereleases=True):
+            unmet.append(f"{item} (installed: {installed or 'none'})")
+    return unmet
 
 
 BLOCKS, PROBLEMS = parse_readme(README.read_text())
@@ -186,6 +227,8 @@ def test_readme_substitution_is_complete():
 def test_readme_block(block, scratch):
     if block.skip is not None:
         pytest.skip(f"README line {block.line}: {block.skip}")
+    if block.requires and (unmet := unmet_requirements(block.requires)):
+        pytest.skip(f"README line {block.line}: needs {', '.join(unmet)}")
     work, table, env = scratch
     code = substitute(block.code, table)
     script = work / f"readme_{block.id}.{'py' if block.lang == 'python' else 'sh'}"
@@ -228,6 +271,30 @@ def test_parser_reads_markers_and_refuses_bad_ones():
                                                  ("sh", None)]
     assert [p.split(":")[0] for p in problems] == ["line 8", "line 12", "line 14"]
     assert "non-empty REASON" in problems[0] and "right above" in problems[1] and "'sh'" in problems[2]
+
+
+def test_requires_marker_runs_a_block_only_where_the_versions_meet_it():
+    text = "\n".join([
+        "<!-- readme-test: requires (transformers>=5.0 torch>=2.0) -->",
+        "```bash",
+        "echo new",
+        "```",
+        "<!-- readme-test: requires (transformers>=99) -->",
+        "```python",
+        "print(1)",
+        "```",
+        "<!-- readme-test: requires (not a requirement!) -->",
+        "```bash",
+        "echo bad",
+        "```",
+    ])
+    blocks, problems = parse_readme(text)
+    assert [b.requires for b in blocks] == ["transformers>=5.0 torch>=2.0", "transformers>=99", "not a requirement!"]
+    assert len(problems) == 1 and problems[0].startswith("line 9:") and "not a requirement" in problems[0]
+    assert unmet_requirements(blocks[0].requires) == []
+    [unmet] = unmet_requirements(blocks[1].requires)
+    assert unmet.startswith("transformers>=99 (installed: 5.")
+    assert unmet_requirements("no-such-package-here>=1") == ["no-such-package-here>=1 (installed: none)"]
 
 
 def test_substitution_replaces_hub_ids_and_cuda():
