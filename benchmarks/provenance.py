@@ -2,9 +2,11 @@
 and writing its JSON.
 
 Every benchmark script writes `git_state()` into its JSON under "git", so that a result can be tied to a commit
-(and a result measured on uncommitted code says so). `write_json` is how every benchmark writes its results.
+(and a result measured on uncommitted code says so). `write_json` writes a result the safe way (most scripts
+use it).
 """
 
+import json
 import os
 import subprocess
 
@@ -34,8 +36,6 @@ def write_json(report: dict, path: str | None) -> None:
     if not path:
         print("results not written (pass --out PATH to write the JSON)")
         return
-    import json
-
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
     tmp = path + ".tmp"
     try:
