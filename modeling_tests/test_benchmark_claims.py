@@ -60,10 +60,10 @@ def upper_bound(x):
 # ----------------------------------------------------------------------------------------------- generation
 
 
-def generate_rows(data, with_block=False):
+def generate_rows(data):
     """The README's rows for a `benchmarks/generate.py` JSON (eager and static side by side)."""
     return [
-        [*([str(r["block_length"])] if with_block else []), str(r["batch_size"]), r["mode"], r["implementation"],
+        [str(r["batch_size"]), r["mode"], r["implementation"],
          f"{r['tokens_per_s']:.1f}", str(r["forward_passes"]), f"{r['tokens_per_forward']:.2f}",
          f"{r['ms_per_step']:.2f}", f"{r['speedup_vs_eager']:.2f}x", f"{r['same_tokens_as_eager']:.2f}",
          f"{r['first_call_seconds']:.1f}"]
