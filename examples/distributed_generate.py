@@ -33,7 +33,7 @@ def parse_args(argv=None):
     parser.add_argument("--ep-size", type=int, default=1, help="1, or the number of processes (whole experts)")
     parser.add_argument("--ep-implementation", default="auto", choices=EP_IMPLEMENTATIONS)
     parser.add_argument("--dtype", default="auto", choices=["auto", "bfloat16", "float32"])
-    parser.add_argument("--experts-implementation", default=None, help="eager, grouped_mm (default) or fused_moe")
+    parser.add_argument("--experts-implementation", default=None, help="auto (default), cpu_moe, eager, grouped_mm or fused_moe")
     parser.add_argument("--max-new-tokens", type=int, default=16)
     parser.add_argument("--block-length", type=int, default=8)
     parser.add_argument("--threshold", type=float, default=None)

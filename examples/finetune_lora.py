@@ -71,7 +71,7 @@ def parse_args(argv=None):
     parser.add_argument("--lora-alpha", type=int, default=32)
     parser.add_argument("--no-experts", action="store_true", help="LoRA on attention/MLP linears only")
     parser.add_argument("--gradient-checkpointing", action="store_true")
-    parser.add_argument("--experts-implementation", default=None, help="eager, grouped_mm or fused_moe (CUDA)")
+    parser.add_argument("--experts-implementation", default=None, help="auto (default), cpu_moe, eager, grouped_mm or fused_moe (CUDA)")
     parser.add_argument("--dtype", choices=["auto", "bfloat16", "float32"], default="auto",
                         help="base weights dtype; auto = bfloat16 on a bf16-capable GPU, else float32")
     parser.add_argument("--save-steps", type=int, default=100)

@@ -22,7 +22,7 @@ EXIT_TERMINATED = 143  # 128 + SIGTERM
 
 DTYPES = ("auto", "float32", "bfloat16", "float16")
 ATTN_IMPLEMENTATIONS = ("eager", "sdpa", "flex_attention", "flash_attention_2", "flash_attention_3")
-EXPERTS_IMPLEMENTATIONS = ("eager", "grouped_mm", "batched_mm", "fused_moe")
+EXPERTS_IMPLEMENTATIONS = ("auto", "cpu_moe", "eager", "grouped_mm", "batched_mm", "fused_moe")
 # A Hub repo id: "org/name" (one slash, the Hub's characters). Anything else given as MODEL is a local path.
 REPO_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
 # Files that hold a tokenizer's vocabulary (tokenizer_config.json alone is not a tokenizer).
@@ -44,8 +44,8 @@ def add_runtime_arguments(parser: argparse.ArgumentParser, device_default: str =
     group.add_argument("--attn-implementation", choices=ATTN_IMPLEMENTATIONS, default=None,
                        help="attention kernel (default: transformers' choice, sdpa where available)")
     group.add_argument("--experts-implementation", choices=EXPERTS_IMPLEMENTATIONS, default=None,
-                       help="MoE experts kernel; fused_moe needs CUDA and triton (default: transformers' choice, "
-                            "grouped_mm where available)")
+                       help="MoE experts kernel: auto is cpu_moe on the CPU and grouped_mm elsewhere; fused_moe "
+                            "needs CUDA and triton (default: auto)")
 
 
 def loading_kwargs(args) -> dict:

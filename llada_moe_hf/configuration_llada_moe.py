@@ -145,8 +145,22 @@ class LLaDAMoEConfig(PreTrainedConfig):
 
     @property
     def head_dim(self) -> int:
-        # The original code has no `head_dim` key: it is always hidden_size // num_attention_heads.
-        return self.hidden_size // self.num_attention_heads
+        # The original code has no `head_dim` key: it is hidden_size // num_attention_heads unless set apart
+        # (transformers' tensor-parallel tests keep the head width while they change the head count).
+        return self.__dict__.get("_head_dim") or self.hidden_size // self.num_attention_heads
+
+    @head_dim.setter
+    def head_dim(self, value: int | None):
+        if value is not None and (not isinstance(value, int) or value <= 0):
+            raise ValueError(f"LLaDAMoEConfig.head_dim: must be a positive integer or None, got {value!r}.")
+        self.__dict__["_head_dim"] = value
+
+    def to_dict(self):
+        output = super().to_dict()
+        output.pop("_head_dim", None)
+        if self.__dict__.get("_head_dim") not in (None, self.hidden_size // self.num_attention_heads):
+            output["head_dim"] = self.head_dim  # only a width set apart is saved: the release's config has none
+        return output
 
     def validate_llada_moe(self, token_ids: str = "all"):
         """Raise a ValueError naming the first inconsistent field. Called at config creation (every field) and at

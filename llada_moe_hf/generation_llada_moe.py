@@ -920,8 +920,9 @@ class DiffusionGenerationMixin:
             raise ValueError(
                 "cache_implementation='static' compiles the denoising step, and the eager experts loop over the "
                 "experts a batch hits (a loop that depends on the data, which cannot be compiled). Use "
-                "experts_implementation='grouped_mm' (the default) or 'fused_moe' (model.set_experts_implementation"
-                "(...); on the command line --experts-implementation), or pass disable_compile=True."
+                "experts_implementation='auto' (the default, grouped_mm under compile), 'cpu_moe' (likewise), "
+                "'grouped_mm' or 'fused_moe' (model.set_experts_implementation(...); on the command line "
+                "--experts-implementation), or pass disable_compile=True."
             )
         compiled = self.__dict__.setdefault("_compiled_diffusion_steps", {})
         mode = "reduce-overhead" if device.type == "cuda" else None

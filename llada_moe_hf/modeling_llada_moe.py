@@ -33,6 +33,7 @@ from transformers.utils.generic import merge_with_config_defaults
 from transformers.utils.output_capturing import OutputRecorder, capture_outputs
 
 from .configuration_llada_moe import LLaDAMoEConfig
+from .cpu_moe_llada_moe import AUTO_NAME  # importing registers "cpu_moe" and "auto"
 from .fused_moe_llada_moe import register_fused_moe_experts  # noqa: F401  (importing registers "fused_moe")
 from .generation_llada_moe import DiffusionGenerationConfig, DiffusionGenerationMixin
 from .training_llada_moe import masked_diffusion_loss, router_load_balancing_loss
@@ -258,9 +259,10 @@ class LLaDAMoEMLP(nn.Module):
 class LLaDAMoEExperts(nn.Module):
     """All experts of a layer as two 3-D parameters: gate_up_proj [E, 2I, H] (gate rows first), down_proj [E, H, I].
 
-    `forward` here is the eager implementation; `config._experts_implementation` selects another one
-    ("grouped_mm", or "fused_moe" on CUDA). Implementations must read the weights through these attributes
-    on every call: PEFT's LoRA on experts reparametrises them.
+    `forward` here is the eager implementation; `config._experts_implementation` selects another one: "auto"
+    (the default: "cpu_moe" for a CPU forward, "grouped_mm" elsewhere), "cpu_moe", "grouped_mm", or "fused_moe"
+    on CUDA. Implementations must read the weights through these attributes on every call: PEFT's LoRA on
+    experts reparametrises them.
     """
 
     def __init__(self, config: LLaDAMoEConfig):
@@ -399,6 +401,11 @@ class LLaDAMoEPreTrainedModel(PreTrainedModel):
     def __init__(self, config: LLaDAMoEConfig, *args, **kwargs):
         config.validate_llada_moe(token_ids="pad")
         super().__init__(config, *args, **kwargs)
+
+    def get_correct_experts_implementation(self, requested_experts: str | None) -> str:
+        # Unset, the experts run "auto" (cpu_moe_llada_moe.py): the CPU path where it runs a CPU forward,
+        # grouped_mm for training, under torch.compile and on other devices.
+        return super().get_correct_experts_implementation(AUTO_NAME if requested_experts is None else requested_experts)
 
     @property
     def is_gradient_checkpointing(self) -> bool:

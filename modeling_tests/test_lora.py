@@ -189,7 +189,7 @@ def reference_experts(hidden, top_k_index, top_k_weights, gate_up_proj, down_pro
     return out
 
 
-@pytest.mark.parametrize("experts", ["eager", "grouped_mm"])
+@pytest.mark.parametrize("experts", ["eager", "grouped_mm", "cpu_moe"])
 def test_expert_lora_is_w_plus_scaled_ba_per_expert(experts):
     r, alpha = 4, 12  # scale 3
     model = base_model(config=nonsquare_config(), experts_implementation=experts)
@@ -244,17 +244,18 @@ def test_experts_implementations_agree_with_lora():
     base = peft_model.get_base_model()
     ids = torch.randint(0, PAD, (2, 11))
     outs, grads = {}, {}
-    for impl in ("eager", "grouped_mm"):
+    for impl in ("eager", "grouped_mm", "cpu_moe"):  # cpu_moe trains through grouped_mm
         base.set_experts_implementation(impl)
         peft_model.zero_grad()
         logits = peft_model(ids).logits
         logits.pow(2).mean().backward()
         outs[impl] = logits.detach()
         grads[impl] = {n: p.grad.clone() for n, p in peft_model.named_parameters() if "experts" in n and p.grad is not None}
-    torch.testing.assert_close(outs["eager"], outs["grouped_mm"], rtol=0, atol=1e-5)
-    assert len(grads["eager"]) == 8 and grads["eager"].keys() == grads["grouped_mm"].keys()
-    for name in grads["eager"]:
-        torch.testing.assert_close(grads["eager"][name], grads["grouped_mm"][name], rtol=1e-4, atol=1e-6)
+    for impl in ("grouped_mm", "cpu_moe"):
+        torch.testing.assert_close(outs["eager"], outs[impl], rtol=0, atol=1e-5)
+        assert len(grads["eager"]) == 8 and grads["eager"].keys() == grads[impl].keys()
+        for name in grads["eager"]:
+            torch.testing.assert_close(grads["eager"][name], grads[impl][name], rtol=1e-4, atol=1e-6)
 
 
 def enable_checkpointing(model, use_reentrant):

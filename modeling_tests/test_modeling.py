@@ -27,7 +27,7 @@ def load_fixture(**kwargs):
 
 
 @pytest.mark.parametrize("attn", ["eager", "sdpa"])
-@pytest.mark.parametrize("experts", ["eager", "grouped_mm"])
+@pytest.mark.parametrize("experts", ["eager", "grouped_mm", "cpu_moe", "auto"])
 def test_golden_logits(golden, attn, experts):
     model = load_fixture(attn_implementation=attn, experts_implementation=experts)
     assert model.config._attn_implementation == attn
@@ -73,11 +73,11 @@ def test_release_layout_loads_unchanged(fixture_dir):
 
 
 def test_bfloat16_load(golden_bf16):
-    """The default implementations (sdpa, grouped_mm) in bf16 against the original's bf16 sdpa logits, within the
+    """The default implementations (sdpa, auto experts: cpu_moe on the CPU) in bf16 against the original's bf16 sdpa logits, within the
     stated tolerance (test_bf16.py has the bit-exact checks of the original's op order)."""
     model = load_fixture(dtype=torch.bfloat16)
     assert model.dtype == torch.bfloat16
-    assert model.config._attn_implementation == "sdpa" and model.config._experts_implementation == "grouped_mm"
+    assert model.config._attn_implementation == "sdpa" and model.config._experts_implementation == "auto"
     with torch.no_grad():
         logits = model(golden_bf16["logits.input_ids"]).logits
     assert_bf16_logits_close(logits, golden_bf16["logits_bf16_sdpa.logits"])
@@ -270,11 +270,12 @@ def test_experts_implementations_agree_on_branches():
     model = LLaDAMoEForDiffusionLM(config).eval()
     ids = torch.randint(0, 90, (2, 13))
     outs = {}
-    for impl in ("eager", "grouped_mm"):
+    for impl in ("eager", "grouped_mm", "cpu_moe"):
         model.set_experts_implementation(impl)
         with torch.no_grad():
             outs[impl] = model(ids).logits
     torch.testing.assert_close(outs["eager"], outs["grouped_mm"], rtol=0, atol=1e-5)
+    torch.testing.assert_close(outs["eager"], outs["cpu_moe"], rtol=0, atol=1e-5)
 
 
 # ----------------------------------------------------------------------------------------------- HF idioms

@@ -1,0 +1,333 @@
+# Copyright 2026 The llada-moe-hf authors. Licensed under the Apache License, Version 2.0.
+"""The CPU experts implementation, registered with transformers as `experts_implementation="cpu_moe"`, and the
+default `"auto"` (cpu_moe on the CPU, grouped_mm elsewhere).
+
+Why not transformers' grouped_mm on the CPU: `torch._grouped_mm` there is a loop of one BLAS GEMM per expert, run
+with all the BLAS's threads. At the sizes a forward gives (a dozen to a hundred rows per expert against weights that
+come from DRAM) each GEMM is short, so the threads hardly help (issue 13 measured 1.0x-1.2x from a second core),
+and a GEMM of a few rows runs at a fraction of the memory bandwidth. This path, measured against the alternatives
+in `benchmarks/cpu_experts.py` (README, "CPU experts"):
+
+1. sorts the (token, expert) pairs by expert once and gathers the token rows in that order;
+2. splits the experts into as many *lanes* as torch has threads, balanced by rows and weights read, and runs each
+   lane on its own single-threaded worker: every core streams its own experts' weights and runs whole GEMMs,
+   instead of all cores sharing each small GEMM;
+3. for each expert, runs gate_up, SiLU(gate) * up and down with BLAS calls into preallocated buffers, choosing the
+   product's orientation by the number of rows (`weights @ rows.T` for a few rows, `rows @ weights.T` for more);
+4. scales by the routing weights and adds each pair into its token in expert order, as the eager loop does.
+
+It is a forward for inference. When autograd needs the experts' graph (training, LoRA training) it runs
+grouped_mm, whose backward is a grouped GEMM; under torch.compile it runs grouped_mm too (a loop whose trip count
+depends on the routing cannot be one graph). On another device it raises a clear error; "auto" picks grouped_mm
+there. The weights are read once per call through the module's attributes: PEFT's LoRA on experts reparametrises
+them.
+"""
+
+import ctypes
+import os
+import threading
+from concurrent.futures import ThreadPoolExecutor
+
+import torch
+
+
+CPU_MOE_NAME = "cpu_moe"
+AUTO_NAME = "auto"
+
+# The thresholds below were measured on a 2-core AMD EPYC (Zen 4) VM with torch 2.13's MKL and oneDNN, float32 and
+# bfloat16 (benchmarks/cpu_experts.py; README, "CPU experts"). They only choose between exact alternatives.
+
+# Experts with hidden x intermediate at least this large run `sorted_lanes` (the mid-size model's 512 x 256 and up);
+# smaller ones are faster as `padded` batched GEMMs, or as grouped_mm's loop once the padding costs too much.
+LARGE_EXPERT = 1 << 16
+PADDED_MAX_PAIRS = 512
+# Rows per expert up to which `weights @ rows.T` beats `rows @ weights.T` in float32: MKL streams the weights once
+# as the left operand instead of packing them for a few rows. (bfloat16 products go to oneDNN: no gain.)
+WEIGHTS_LEFT_MAX_ROWS = {torch.float32: 4}
+# Rows per expert up to which reading an expert's weights once (a sum) before its GEMM pays in float32: the GEMM
+# then finds them in the cache instead of waiting on DRAM for each panel.
+TOUCH_MAX_ROWS = {torch.float32: 24}
+# Rows a lane takes through gate_up, the activation and down at a time: the intermediates of 128 rows stay in the
+# L2/L3 cache (all the pairs' at once would not, at 512 tokens).
+BLOCK_ROWS = 128
+# Multiply-adds a lane must have to be worth a worker's wake-up and the OpenMP team's restart (about 0.5 ms).
+LANE_MIN_WORK = 64 << 20
+
+
+def _grouped_mm_forward(module, hidden_states, top_k_index, top_k_weights):
+    from transformers.integrations.moe import grouped_mm_experts_forward
+
+    return grouped_mm_experts_forward(module, hidden_states, top_k_index, top_k_weights)
+
+
+def _needs_graph(module, hidden_states, top_k_weights) -> bool:
+    """True where this call must be autograd- or compile-friendly (then grouped_mm runs)."""
+    if torch.compiler.is_compiling():
+        return True
+    if not torch.is_grad_enabled():
+        return False
+    return hidden_states.requires_grad or top_k_weights.requires_grad or any(
+        p.requires_grad for p in module.parameters(recurse=True)
+    )
+
+
+def _find_libgomp():
+    """GNU OpenMP as loaded by torch (Linux wheels), or None: only its `omp_pause_resource_all` is used."""
+    try:
+        with open("/proc/self/maps") as maps:
+            paths = {line.split()[-1] for line in maps if "libgomp" in line}
+    except OSError:  # not Linux
+        return None
+    for path in sorted(paths):
+        try:
+            library = ctypes.CDLL(path)
+            pause = library.omp_pause_resource_all
+        except (OSError, AttributeError):
+            continue
+        pause.argtypes, pause.restype = [ctypes.c_int], ctypes.c_int
+        return pause
+    return None
+
+
+class _Lanes:
+    """Worker threads that each run torch with one intra-op thread, created on first use (and again after a fork).
+
+    `torch.set_num_threads(1)` in a worker sets that thread's OpenMP and MKL thread counts; it also sets two
+    process-wide values (the count new threads start with, the pthreadpool's size), which are put back at once.
+
+    Before the lanes start, the calling thread's idle OpenMP team is released (`omp_pause_resource_all`, OpenMP
+    5.0). GNU OpenMP keeps a finished team's threads spinning for some milliseconds; each spinner would take half
+    of a core that a lane runs on (measured: lanes after a 2-thread GEMM 17.2 ms, after the release 10.3 ms, alone
+    8.6 ms). The next parallel region starts its threads again (about 0.1 ms)."""
+
+    def __init__(self):
+        self._pool = None
+        self._size = 0
+        self._pid = None
+        self._lock = threading.Lock()
+        self._pause = _find_libgomp()
+
+    def pool(self, workers: int) -> ThreadPoolExecutor:
+        with self._lock:
+            if self._pool is None or self._size < workers or self._pid != os.getpid():
+                if self._pool is not None and self._pid == os.getpid():
+                    self._pool.shutdown(wait=False)
+                threads = torch.get_num_threads()
+                ready = threading.Barrier(workers + 1)
+
+                def single_threaded():
+                    torch.set_num_threads(1)
+                    ready.wait()
+
+                pool = ThreadPoolExecutor(workers, thread_name_prefix="llada-cpu-moe", initializer=single_threaded)
+                for _ in range(workers):  # start every worker now, so that each runs its initializer
+                    pool.submit(int)
+                ready.wait()
+                torch.set_num_threads(threads)  # the process-wide values, as they were
+                self._pool, self._size, self._pid = pool, workers, os.getpid()
+            return self._pool
+
+    def run(self, function, args, ranges):
+        """function(*args, *bounds) for each range: the first on this thread, the others on workers."""
+        pool = self.pool(len(ranges) - 1)
+        threads = torch.get_num_threads()
+        if self._pause is not None:
+            self._pause(1)  # omp_pause_soft
+        torch.set_num_threads(1)
+        try:
+            futures = [pool.submit(function, *args, *bounds) for bounds in ranges[1:]]
+            function(*args, *ranges[0])
+            for future in futures:
+                future.result()
+        finally:
+            torch.set_num_threads(threads)
+
+
+_LANES = _Lanes()
+
+
+# An expert's fixed cost in rows of GEMM work: streaming its weights and setting up two GEMMs (fitted on the mid-size
+# model with benchmarks/cpu_experts.py: about 0.17 ms an expert plus 0.014 ms a row, float32, one thread).
+EXPERT_COST_ROWS = 12
+
+
+def split_lanes(counts: list[int], lanes: int) -> list[tuple[int, int]]:
+    """Split the rows (sorted by expert) into at most `lanes` contiguous ranges of about equal cost: a row costs 1,
+    each expert a range touches EXPERT_COST_ROWS more. A range may end inside an expert: the next lane then runs
+    the rest of its rows (and pays its fixed cost again)."""
+    pieces, rows = [], 0  # (first row, rows) of each expert with rows
+    for count in counts:
+        if count:
+            pieces.append((rows, count))
+        rows += count
+    if not rows:
+        return []
+    total = sum(EXPERT_COST_ROWS + count for _, count in pieces)
+    target = (total + EXPERT_COST_ROWS * (lanes - 1)) / lanes  # as if every cut fell inside an expert
+    bounds, cost = [0], 0.0
+    for first, count in pieces:
+        row, end = first, first + count
+        cost += EXPERT_COST_ROWS
+        while len(bounds) < lanes and cost + (end - row) > target:
+            cut = max(row + max(0, round(target - cost)), bounds[-1] + 1)
+            if cut >= end:
+                break
+            bounds.append(cut)
+            row, cost = cut, EXPERT_COST_ROWS
+        cost += end - row
+    bounds.append(rows)
+    return list(zip(bounds[:-1], bounds[1:]))
+
+
+def _project(rows: torch.Tensor, weight: torch.Tensor, out: torch.Tensor, weights_left: bool) -> None:
+    """out = rows @ weight.T, with the orientation that suits the number of rows."""
+    if weights_left:
+        out.copy_(torch.mm(weight, rows.t()).t())
+    else:
+        torch.mm(rows, weight.t(), out=out)
+
+
+@torch.no_grad()  # grad mode is per thread: a worker must not record the out= products either
+def run_experts(act_fn, gate_up, down, rows, gate_up_out, act_out, out, offsets, row_start, row_end):
+    """gate_up, SiLU(gate) * up and down for the rows row_start..row_end-1 (sorted by expert, expert e's rows at
+    offsets[e]..offsets[e + 1] - 1), a block of experts at a time so that the intermediates stay in the cache."""
+    small = WEIGHTS_LEFT_MAX_ROWS.get(rows.dtype, 0)
+    touch = TOUCH_MAX_ROWS.get(rows.dtype, 0)
+    intermediate = down.shape[-1]
+    block = []  # (expert, first row, rows) of the experts in this block
+    for expert in range(len(offsets) - 1):
+        lo, hi = max(offsets[expert], row_start), min(offsets[expert + 1], row_end)
+        if hi > lo:
+            block.append((expert, lo, hi - lo))
+        if block and (hi >= row_end or block[-1][1] + block[-1][2] - block[0][1] >= BLOCK_ROWS):
+            for expert_, lo_, count in block:
+                if count <= touch:
+                    gate_up[expert_].sum()
+                _project(rows[lo_ : lo_ + count], gate_up[expert_], gate_up_out[lo_ : lo_ + count], count <= small)
+            first, last = block[0][1], block[-1][1] + block[-1][2]
+            gate, up = gate_up_out[first:last, :intermediate], gate_up_out[first:last, intermediate:]
+            torch.mul(act_fn(gate), up, out=act_out[first:last])
+            for expert_, lo_, count in block:
+                if count <= touch:
+                    down[expert_].sum()
+                _project(act_out[lo_ : lo_ + count], down[expert_], out[lo_ : lo_ + count], count <= small)
+            block = []
+        if hi >= row_end:
+            break
+
+
+def _route(top_k_index: torch.Tensor, num_experts: int):
+    """Sort the (token, expert) pairs by expert (stable: each token's experts stay in slot order within an expert,
+    and the experts in index order). Returns the pair order, each row's token and expert, and the rows per expert.
+    Expert-parallel sentinels (id num_experts: experts held by another rank) sort last and are dropped."""
+    pair_expert = top_k_index.reshape(-1)
+    sorted_expert, order = torch.sort(pair_expert, stable=True)
+    counts = torch.bincount(pair_expert, minlength=num_experts + 1).tolist()[:num_experts]
+    pairs = sum(counts)
+    order, sorted_expert = order[:pairs], sorted_expert[:pairs]
+    return order, order // top_k_index.shape[-1], sorted_expert, counts
+
+
+def _combine(hidden_states, rows_out, order, token_of_row, top_k_weights):
+    """Scale each pair's output by its routing weight and add it into its token. The rows are in expert order, so
+    each token sums its experts in the order of the eager loop."""
+    rows_out.mul_(top_k_weights.reshape(-1)[order].unsqueeze(-1).to(rows_out.dtype))
+    final = torch.zeros_like(hidden_states)
+    final.index_add_(0, token_of_row, rows_out.to(final.dtype))
+    return final
+
+
+def sorted_lanes_forward(self, hidden_states, top_k_index, top_k_weights):
+    """Strategy for experts of a useful size: the rows gathered in expert order, one BLAS call per expert and
+    projection, the experts split over lanes (one single-threaded worker per torch thread)."""
+    gate_up, down = self.gate_up_proj, self.down_proj  # read once: a LoRA parametrisation computes them per read
+    dtype = gate_up.dtype
+    order, token_of_row, _, counts = _route(top_k_index, self.num_experts)
+    pairs = len(order)
+    offsets = [0]
+    for count in counts:
+        offsets.append(offsets[-1] + count)
+    rows = hidden_states.index_select(0, token_of_row).to(dtype)
+    gate_up_out = rows.new_empty(pairs, gate_up.shape[1])
+    act_out = rows.new_empty(pairs, down.shape[-1])
+    out = rows.new_empty(pairs, down.shape[1])
+    args = (self.act_fn, gate_up, down, rows, gate_up_out, act_out, out, offsets)
+
+    work = pairs * down.shape[1] * down.shape[2] * 3  # multiply-adds of both projections
+    lanes = min(torch.get_num_threads(), work // LANE_MIN_WORK)
+    ranges = split_lanes(counts, lanes) if lanes > 1 else [(0, pairs)]
+    if len(ranges) > 1:
+        _LANES.run(run_experts, args, ranges)
+    elif ranges:
+        run_experts(*args, *ranges[0])
+    return _combine(hidden_states, out, order, token_of_row, top_k_weights)
+
+
+def padded_forward(self, hidden_states, top_k_index, top_k_weights):
+    """Strategy for small experts and few pairs: every expert's rows padded to the busiest expert's count, and each
+    projection one batched GEMM over all experts (torch's bmm spreads the experts over its threads). Fewer, larger
+    calls win where a per-expert GEMM is too small to pay for its own call."""
+    gate_up, down = self.gate_up_proj, self.down_proj
+    dtype = gate_up.dtype
+    order, token_of_row, sorted_expert, counts = _route(top_k_index, self.num_experts)
+    if not len(order):
+        return torch.zeros_like(hidden_states)
+    counts_t = torch.tensor(counts)
+    first_row = (counts_t.cumsum(0) - counts_t)[sorted_expert]
+    slot = torch.arange(len(order)) - first_row  # each row's place among its expert's rows
+    padded = hidden_states.new_zeros(self.num_experts, max(counts), hidden_states.shape[-1], dtype=dtype)
+    padded[sorted_expert, slot] = hidden_states.index_select(0, token_of_row).to(dtype)
+    gate_up_out = torch.bmm(padded, gate_up.transpose(1, 2))
+    intermediate = down.shape[-1]
+    act_out = self.act_fn(gate_up_out[..., :intermediate]) * gate_up_out[..., intermediate:]
+    out = torch.bmm(act_out, down.transpose(1, 2))
+    return _combine(hidden_states, out[sorted_expert, slot], order, token_of_row, top_k_weights)
+
+
+def choose_strategy(num_pairs: int, num_experts: int, hidden: int, intermediate: int) -> str:
+    """Which CPU strategy a forward runs (benchmarks/cpu_experts.py measures each; README, "CPU experts")."""
+    if hidden * intermediate >= LARGE_EXPERT:
+        return "sorted_lanes"
+    if num_pairs <= PADDED_MAX_PAIRS:
+        return "padded"
+    return "grouped_mm"
+
+
+STRATEGIES = {
+    "sorted_lanes": sorted_lanes_forward,
+    "padded": padded_forward,
+    "grouped_mm": _grouped_mm_forward,
+}
+
+
+def cpu_moe_experts_forward(self, hidden_states, top_k_index, top_k_weights):
+    """The experts of one layer on the CPU (see the module docstring). Same signature as transformers' experts
+    implementations: hidden_states [T, H], top_k_index and top_k_weights [T, k]; returns [T, H]."""
+    if _needs_graph(self, hidden_states, top_k_weights):
+        return _grouped_mm_forward(self, hidden_states, top_k_index, top_k_weights)
+    if hidden_states.device.type != "cpu":
+        raise RuntimeError(
+            f'experts_implementation="{CPU_MOE_NAME}" runs on the CPU, but the model is on '
+            f'{hidden_states.device.type}. Use "{AUTO_NAME}" (the default: {CPU_MOE_NAME} on the CPU, grouped_mm '
+            'elsewhere), "grouped_mm" or "fused_moe" (CUDA): model.set_experts_implementation("auto").'
+        )
+    strategy = choose_strategy(top_k_index.numel(), self.num_experts, self.hidden_dim, self.intermediate_dim)
+    return STRATEGIES[strategy](self, hidden_states, top_k_index, top_k_weights)
+
+
+def auto_experts_forward(self, hidden_states, top_k_index, top_k_weights):
+    """The default: cpu_moe for a CPU forward, grouped_mm for training, under torch.compile and on other devices."""
+    if hidden_states.device.type == "cpu" and not _needs_graph(self, hidden_states, top_k_weights):
+        return cpu_moe_experts_forward(self, hidden_states, top_k_index, top_k_weights)
+    return _grouped_mm_forward(self, hidden_states, top_k_index, top_k_weights)
+
+
+def register_cpu_moe_experts():
+    """Register `cpu_moe` and `auto` with transformers' ExpertsInterface (idempotent)."""
+    from transformers.integrations.moe import ExpertsInterface
+
+    ExpertsInterface.register(CPU_MOE_NAME, cpu_moe_experts_forward)
+    ExpertsInterface.register(AUTO_NAME, auto_experts_forward)
+
+
+register_cpu_moe_experts()

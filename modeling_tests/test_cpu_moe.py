@@ -1,0 +1,258 @@
+"""Issue 13: the CPU experts implementation (`cpu_moe`) and the default (`auto`) against the eager loop."""
+
+import threading
+
+import pytest
+import torch
+
+from conftest import FIXTURE_DIR, tiny_config
+from llada_moe_hf import LLaDAMoEConfig, LLaDAMoEForDiffusionLM
+from llada_moe_hf import cpu_moe_llada_moe as cpu_moe
+from llada_moe_hf.modeling_llada_moe import LLaDAMoEExperts
+
+
+EAGER = LLaDAMoEExperts.forward.__wrapped__  # the class's own loop, whatever the config selects
+
+
+def experts_module(num_experts=5, hidden=96, intermediate=40, dtype=torch.float32, seed=0):
+    config = LLaDAMoEConfig(
+        vocab_size=64, hidden_size=hidden, expert_intermediate_size=intermediate, num_experts=num_experts,
+        num_experts_per_tok=min(3, num_experts), num_attention_heads=4, num_key_value_heads=4, pad_token_id=0,
+        mask_token_id=1, eos_token_id=2,
+    )  # fmt: skip
+    torch.manual_seed(seed)
+    module = LLaDAMoEExperts(config)
+    with torch.no_grad():
+        module.gate_up_proj.normal_(0, 0.2)
+        module.down_proj.normal_(0, 0.2)
+    return module.to(dtype)
+
+
+def routing(num_tokens, num_experts, top_k, case, seed=0):
+    generator = torch.Generator().manual_seed(seed)
+    if case == "random":
+        index = torch.stack([torch.randperm(num_experts, generator=generator)[:top_k] for _ in range(num_tokens)])
+    elif case == "idle_experts":  # only experts 1 and 3 of 5 get tokens
+        index = torch.stack([torch.tensor([1, 3, 1][:top_k]).roll(t % 2) for t in range(num_tokens)])
+        index[:, -1] = torch.where(index[:, 0] == 1, 3, 1)
+        index = index[:, :top_k] if top_k <= 2 else torch.stack([index[:, 0], index[:, 1], index[:, 0]], 1)
+    elif case == "one_expert":  # every token on expert 2 in every slot
+        index = torch.full((num_tokens, top_k), 2)
+    else:
+        raise ValueError(case)
+    weights = torch.rand(num_tokens, top_k, generator=generator)
+    return index, weights
+
+
+STRATEGY_NAMES = ["sorted_lanes", "padded", "grouped_mm"]
+
+
+def run_strategy(name, module, hidden, index, weights):
+    with torch.no_grad():
+        return cpu_moe.STRATEGIES[name](module, hidden, index, weights)
+
+
+@pytest.fixture
+def lanes_on_tiny_shapes(monkeypatch):
+    """Lanes for any amount of work, and two torch threads: the worker threads run even on test-sized shapes."""
+    monkeypatch.setattr(cpu_moe, "LANE_MIN_WORK", 1)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(2)
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.mark.parametrize("strategy", STRATEGY_NAMES)
+@pytest.mark.parametrize("case", ["random", "idle_experts", "one_expert"])
+@pytest.mark.parametrize("num_tokens", [1, 7, 40])
+def test_strategies_equal_eager_on_odd_shapes(strategy, case, num_tokens, lanes_on_tiny_shapes):
+    """E=5 experts, top-3, H=96, I=40: one token, idle experts, all tokens on one expert; two lanes where the
+    strategy has them."""
+    module = experts_module()
+    hidden = torch.randn(num_tokens, 96)
+    index, weights = routing(num_tokens, 5, 3, case)
+    if case == "idle_experts":
+        assert set(index.unique().tolist()) == {1, 3}
+    with torch.no_grad():
+        want = EAGER(module, hidden, index, weights)
+    got = run_strategy(strategy, module, hidden, index, weights)
+    torch.testing.assert_close(got, want, rtol=0, atol=1e-5)
+
+
+@pytest.mark.parametrize("strategy", STRATEGY_NAMES)
+def test_strategies_equal_eager_in_bfloat16(strategy, lanes_on_tiny_shapes):
+    module = experts_module(dtype=torch.bfloat16)
+    hidden = torch.randn(33, 96, dtype=torch.bfloat16)
+    index, weights = routing(33, 5, 3, "random")
+    weights = weights.to(torch.bfloat16)
+    with torch.no_grad():
+        want = EAGER(module, hidden, index, weights).float()
+    got = run_strategy(strategy, module, hidden, index, weights)
+    assert got.dtype == torch.bfloat16
+    # bf16 products round once per projection; the eager loop's own bf16 noise is this size
+    torch.testing.assert_close(got.float(), want, rtol=0, atol=2e-2 * want.abs().max().item())
+
+
+def test_sorted_lanes_is_the_eager_loop_bit_for_bit():
+    """Same BLAS calls per expert, pairs added in the eager loop's order: identical float32 bits (one lane)."""
+    module = experts_module(num_experts=8, hidden=64, intermediate=32)
+    hidden = torch.randn(50, 64)
+    index, weights = routing(50, 8, 3, "random", seed=3)
+    with torch.no_grad():
+        want = EAGER(module, hidden, index, weights)
+    got = run_strategy("sorted_lanes", module, hidden, index, weights)
+    assert torch.equal(got, want)
+
+
+def test_lanes_split_an_expert_and_run_on_workers(lanes_on_tiny_shapes, monkeypatch):
+    """All tokens on one expert, three lanes: the expert's rows are split, the workers run two of the ranges, and
+    the main thread's torch thread count is restored afterwards."""
+    torch.set_num_threads(3)
+    seen = []
+    run = cpu_moe.run_experts
+
+    def recording(*args):
+        seen.append((threading.current_thread().name, args[-2], args[-1]))
+        return run(*args)
+
+    monkeypatch.setattr(cpu_moe, "run_experts", recording)
+    module = experts_module()
+    hidden = torch.randn(30, 96)
+    index, weights = routing(30, 5, 3, "one_expert")
+    with torch.no_grad():
+        want = EAGER(module, hidden, index, weights)
+    got = run_strategy("sorted_lanes", module, hidden, index, weights)
+    torch.testing.assert_close(got, want, rtol=0, atol=1e-5)
+    assert sorted((lo, hi) for _, lo, hi in seen) == [(0, 30), (30, 60), (60, 90)]
+    assert sum(name.startswith("llada-cpu-moe") for name, _, _ in seen) == 2
+    assert torch.get_num_threads() == 3
+
+
+def test_a_failing_lane_raises_and_restores_threads(lanes_on_tiny_shapes, monkeypatch):
+    def broken(*args):
+        if threading.current_thread().name.startswith("llada-cpu-moe"):
+            raise RuntimeError("lane failed")
+        return None
+
+    monkeypatch.setattr(cpu_moe, "run_experts", broken)
+    module = experts_module()
+    index, weights = routing(40, 5, 3, "random")
+    with pytest.raises(RuntimeError, match="lane failed"):
+        run_strategy("sorted_lanes", module, torch.randn(40, 96), index, weights)
+    assert torch.get_num_threads() == 2
+
+
+def test_expert_parallel_sentinel_is_skipped():
+    """Id E marks a pair whose expert lives on another rank: it contributes nothing, as in the eager loop."""
+    module = experts_module()
+    hidden = torch.randn(9, 96)
+    index, weights = routing(9, 5, 3, "random")
+    index[::2, 1] = 5
+    with torch.no_grad():
+        want = EAGER(module, hidden, index, weights)
+    for strategy in ("sorted_lanes", "padded"):
+        torch.testing.assert_close(run_strategy(strategy, module, hidden, index, weights), want, rtol=0, atol=1e-5)
+
+
+@pytest.mark.parametrize("lanes", [1, 2, 3, 5])
+@pytest.mark.parametrize("seed", range(6))
+def test_split_lanes_covers_every_row_once(lanes, seed):
+    generator = torch.Generator().manual_seed(seed)
+    counts = torch.randint(0, 40, (int(torch.randint(1, 20, (1,), generator=generator)),), generator=generator)
+    counts[counts < 8] = 0  # idle experts
+    counts = counts.tolist()
+    ranges = cpu_moe.split_lanes(counts, lanes)
+    rows = sum(counts)
+    if not rows:
+        assert ranges == []
+        return
+    assert 1 <= len(ranges) <= lanes
+    assert ranges[0][0] == 0 and ranges[-1][1] == rows
+    assert all(a[1] == b[0] for a, b in zip(ranges, ranges[1:])) and all(lo < hi for lo, hi in ranges)
+
+
+def test_split_lanes_balances_cost():
+    # one busy expert and a few small ones: the busy one is split, the lanes' costs within one expert's of each other
+    counts = [400] + [4] * 10
+    ranges = cpu_moe.split_lanes(counts, 2)
+    starts = [0]
+    for count in counts:
+        starts.append(starts[-1] + count)
+
+    def cost(lo, hi):
+        return (hi - lo) + cpu_moe.EXPERT_COST_ROWS * sum(1 for e in range(len(counts)) if starts[e] < hi and starts[e + 1] > lo)
+
+    costs = [cost(lo, hi) for lo, hi in ranges]
+    assert len(ranges) == 2 and ranges[0][1] < 400  # the busy expert is split
+    assert max(costs) - min(costs) <= cpu_moe.EXPERT_COST_ROWS + 4
+    costs = [cost(lo, hi) for lo, hi in cpu_moe.split_lanes([10] * 8, 2)]
+    assert max(costs) - min(costs) <= cpu_moe.EXPERT_COST_ROWS + 10
+
+
+def test_choose_strategy_by_size():
+    assert cpu_moe.choose_strategy(768, 64, 512, 256) == "sorted_lanes"  # the mid-size model
+    assert cpu_moe.choose_strategy(8, 64, 2048, 1024) == "sorted_lanes"  # release widths, one token
+    assert cpu_moe.choose_strategy(192, 8, 128, 128) == "padded"  # the demo model
+    assert cpu_moe.choose_strategy(4096, 8, 128, 128) == "grouped_mm"
+
+
+# ----------------------------------------------------------------------------------------------- in the model
+
+
+def test_auto_is_the_default_and_runs_cpu_moe_for_inference(monkeypatch):
+    model = LLaDAMoEForDiffusionLM.from_pretrained(FIXTURE_DIR)
+    assert model.config._experts_implementation == "auto"
+    calls = []
+    monkeypatch.setitem(cpu_moe.STRATEGIES, "padded", lambda *a: calls.append("cpu") or cpu_moe.padded_forward(*a))
+    monkeypatch.setattr(cpu_moe, "_grouped_mm_forward", lambda *a: calls.append("gmm") or cpu_moe.padded_forward(*a))
+    ids = torch.randint(0, 360, (2, 7))
+    with torch.no_grad():
+        model(ids)
+    assert calls == ["cpu", "cpu"]  # one per MoE layer
+    calls.clear()
+    model(ids).logits.sum().backward()  # autograd needs the graph: grouped_mm
+    assert calls == ["gmm", "gmm"]
+
+
+def test_training_through_cpu_moe_gives_eager_gradients():
+    torch.manual_seed(0)
+    config = tiny_config()
+    grads = {}
+    for impl in ("eager", "cpu_moe"):
+        torch.manual_seed(0)
+        model = LLaDAMoEForDiffusionLM(config)
+        model.set_experts_implementation(impl)
+        ids = torch.randint(0, 90, (2, 11))
+        model(ids).logits.pow(2).mean().backward()
+        grads[impl] = {n: p.grad for n, p in model.named_parameters() if p.grad is not None}
+    assert grads["eager"].keys() == grads["cpu_moe"].keys() and any("experts" in n for n in grads["eager"])
+    for name, grad in grads["eager"].items():
+        torch.testing.assert_close(grads["cpu_moe"][name], grad, rtol=1e-4, atol=1e-6)
+
+
+def test_auto_compiles_without_graph_breaks():
+    """Under torch.compile `auto` and `cpu_moe` run grouped_mm: the forward is one graph."""
+    model = LLaDAMoEForDiffusionLM.from_pretrained(FIXTURE_DIR).eval()
+    ids = torch.randint(0, 360, (1, 9))
+    with torch.no_grad():
+        want = model(ids).logits
+        for impl in ("auto", "cpu_moe"):
+            model.set_experts_implementation(impl)
+            torch._dynamo.reset()
+            explained = torch._dynamo.explain(lambda x: model(x).logits)(ids)
+            assert explained.graph_break_count == 0, explained.break_reasons
+    torch.testing.assert_close(model(ids).logits.detach(), want, rtol=0, atol=1e-5)
+
+
+def test_cpu_moe_on_another_device_says_what_to_use():
+    module = experts_module().to("meta")
+    index, weights = routing(4, 5, 3, "random")
+    with pytest.raises(RuntimeError, match='runs on the CPU, but the model is on meta. Use "auto"'):
+        with torch.no_grad():
+            cpu_moe.cpu_moe_experts_forward(module, torch.randn(4, 96, device="meta"), index, weights)
+
+
+def test_unknown_experts_implementation_lists_cpu_moe():
+    model = LLaDAMoEForDiffusionLM(tiny_config())
+    with pytest.raises(ValueError, match="cpu_moe"):
+        model.set_experts_implementation("cpu-moe")
