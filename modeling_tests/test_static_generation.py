@@ -355,7 +355,7 @@ def test_static_settings_are_generation_config_fields(tiny, tmp_path, padded_bat
     with pytest.raises(ValueError, match="decoder='threshold' needs a `threshold`"):
         model.generate(**padded_batch, **tiny_kwargs(tokenizer), decoder="threshold")
     eager_experts = LLaDAMoEForDiffusionLM.from_pretrained(FIXTURE_DIR, experts_implementation="eager")
-    with pytest.raises(ValueError, match="experts_implementation='auto' \(the default, grouped_mm under compile\)"):
+    with pytest.raises(ValueError, match=r"experts_implementation='auto' \(the default, grouped_mm under compile\)"):
         eager_experts.generate(torch.tensor([[1, 2, 3]]), mask_token_id=MASK, cache_implementation="static")
 
 
