@@ -157,6 +157,51 @@ def test_forward_tables(name, marker):
         in_readme(f"--layers {data['shapes']['layers']} --tokens {' '.join(str(r['tokens']) for r in data['rows'])}")
 
 
+# ----------------------------------------------------------------------------------------------- CPU experts
+
+CPU_EXPERTS_CANDIDATES = ("sorted_lanes", "sorted, one lane", "padded", "grouped_mm", "eager",
+                          "oneDNN packed (2x memory)")  # fmt: skip
+
+
+def test_cpu_experts_tables_and_targets():
+    data = result("cpu_experts.json")
+    assert data["git"]["commit"] and data["machine"]["cpu_count"] and data["versions"]["torch"]
+    forward = [
+        [r["shape"], r["dtype"], str(r["tokens"]), str(r["threads"])]
+        + [f"{r['median_ms'][k]:.1f}" for k in ("auto", "grouped_mm", "eager")]
+        + [f"{r['speedup_vs_grouped_mm'][k]:.2f}x" for k in ("auto", "eager")]
+        for r in data["forward"]
+    ]
+    assert_table("(`benchmarks/results/cpu_experts.json`, forward):", forward)
+    candidates = [
+        [r["dtype"], str(r["tokens"]), str(r["threads"])]
+        + [f"{r['speedup_vs_grouped_mm'][k]:.2f}x" if k in r["median_ms"] else "-" for k in CPU_EXPERTS_CANDIDATES]
+        for r in data["candidates"]
+    ]
+    assert_table("(`benchmarks/results/cpu_experts.json`, candidates):", candidates)
+    for target in data["targets"]:  # the targets, met or not, as the README states them
+        in_readme(f"{target['dtype']}, {target['threads']} thread{'s' if target['threads'] > 1 else ''}: "
+                  f"{target['speedup']:.2f}x (target {target['target']}x, {'met' if target['met'] else 'not met'})")
+    assert all(r["max_abs_logits_auto_vs_eager"] < (1e-4 if r["dtype"] == "float32" else 0.5) for r in data["forward"])
+
+
+@pytest.mark.slow
+def test_cpu_experts_benchmark_runs_small(tmp_path):
+    committed = (RESULTS / "cpu_experts.json").read_bytes()
+    out = tmp_path / "cpu_experts.json"
+    proc = run_script([str(REPO_ROOT / "benchmarks" / "cpu_experts.py"), "--shapes", "mid", "--dtypes", "float32",
+                       "--tokens", "8", "--threads", "1", "--reps", "1", "--candidates", "--out", str(out)], tmp_path)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    data = json.loads(out.read_text())
+    assert data["git"]["commit"] == head_commit() and data["reps"] == 1
+    assert [(r["shape"], r["tokens"], r["threads"]) for r in data["forward"]] == [("mid", 8, 1)]
+    assert set(data["forward"][0]["median_ms"]) == {"auto", "grouped_mm", "eager"}
+    assert data["forward"][0]["max_abs_logits_auto_vs_eager"] < 1e-4
+    assert {"sorted_lanes", "padded", "grouped_mm", "eager"} <= set(data["candidates"][0]["median_ms"])
+    assert max(data["candidates"][0]["max_abs_error_vs_eager"].values()) < 1e-4
+    assert (RESULTS / "cpu_experts.json").read_bytes() == committed
+
+
 # ----------------------------------------------------------------------------------------------- fused MoE
 
 
