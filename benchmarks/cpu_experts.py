@@ -2,12 +2,12 @@
 (issue 13), and the CPU experts strategies measured one against another.
 
 Forward: the whole model (all layers + lm_head, batch 1), for each shape, dtype, token count and torch thread
-count, the implementations interleaved in a new random order each repetition; the median, and the ratio
+count, the implementations (auto, cpu_moe, grouped_mm, eager) interleaved in a new random order each repetition; the median, and the ratio
 grouped_mm time / implementation time (above 1 is faster than grouped_mm). Shapes: "mid" (4 layers, hidden 512,
 64 experts of width 256, top-8, vocab 4096: benchmarks/forward.py's CPU model) and "release" (the release's
 widths, hidden 2048, 16 heads, 64 experts of width 1024, 2 of its 16 layers, vocab 4096). The models have random
 weights (forward.py's recipe), so their routing is their own: in the mid model most layers send most tokens to a
-dozen experts. Each row also records max |logits(auto) - logits(eager)|.
+dozen experts. Each row also records max |logits(cpu_moe) - logits(eager)|.
 
 Candidates (--candidates): one MoE layer of the mid shape alone, routed uniformly at random (as a trained,
 load-balanced router does), timed as each strategy of `llada_moe_hf/cpu_moe_llada_moe.py` and the alternatives
@@ -42,7 +42,7 @@ from llada_moe_hf.modeling_llada_moe import LLaDAMoEExperts
 from provenance import git_state, write_json
 
 
-IMPLEMENTATIONS = ("auto", "grouped_mm", "eager")
+IMPLEMENTATIONS = ("auto", "cpu_moe", "grouped_mm", "eager")
 
 
 def model_shape(name: str) -> dict:
@@ -78,7 +78,7 @@ def logits_error(model, ids):
     with torch.no_grad():
         model.set_experts_implementation("eager")
         eager = model(ids).logits.float()
-        model.set_experts_implementation("auto")
+        model.set_experts_implementation("cpu_moe")
         return (model(ids).logits.float() - eager).abs().max().item()
 
 
@@ -99,7 +99,7 @@ def forward_rows(shape_names, dtypes, token_counts, thread_counts, reps):
                         "shape": shape_name, "dtype": dtype_name, "tokens": tokens, "threads": threads,
                         "median_ms": ms,
                         "speedup_vs_grouped_mm": {impl: ms["grouped_mm"] / ms[impl] for impl in ms},
-                        "max_abs_logits_auto_vs_eager": logits_error(model, ids),
+                        "max_abs_logits_cpu_moe_vs_eager": logits_error(model, ids),
                     }  # fmt: skip
                     rows.append(row)
                     print_forward_row(row, flush=True)
@@ -109,15 +109,15 @@ def forward_rows(shape_names, dtypes, token_counts, thread_counts, reps):
 
 def print_forward_header():
     print("forward, batch 1: median ms; speedup = grouped_mm time / time")
-    print(f"{'shape':<7} {'dtype':<8} {'tok':>4} {'thr':>3} | {'auto':>8} {'gmm':>8} {'eager':>8} | "
-          f"{'auto x':>6} {'eager x':>7}")  # fmt: skip
+    print(f"{'shape':<7} {'dtype':<8} {'tok':>4} {'thr':>3} | {'auto':>7} {'cpu_moe':>7} {'gmm':>7} "
+          f"{'eager':>7} | {'auto x':>6} {'cpu x':>5}")  # fmt: skip
 
 
 def print_forward_row(row, flush=False):
     ms, speed = row["median_ms"], row["speedup_vs_grouped_mm"]
-    print(f"{row['shape']:<7} {row['dtype']:<8} {row['tokens']:>4} {row['threads']:>3} | {ms['auto']:>8.1f} "
-          f"{ms['grouped_mm']:>8.1f} {ms['eager']:>8.1f} | {speed['auto']:>6.2f} {speed['eager']:>7.2f}",
-          flush=flush)  # fmt: skip
+    print(f"{row['shape']:<7} {row['dtype']:<8} {row['tokens']:>4} {row['threads']:>3} | {ms['auto']:>7.1f} "
+          f"{ms['cpu_moe']:>7.1f} {ms['grouped_mm']:>7.1f} {ms['eager']:>7.1f} | {speed['auto']:>6.2f} "
+          f"{speed['cpu_moe']:>5.2f}", flush=flush)  # fmt: skip
 
 
 # ----------------------------------------------------------------------------------------------- candidates

@@ -37,10 +37,15 @@ AUTO_NAME = "auto"
 # The thresholds below were measured on a 2-core AMD EPYC (Zen 4) VM with torch 2.13's MKL and oneDNN, float32 and
 # bfloat16 (benchmarks/cpu_experts.py; README, "CPU experts"). They only choose between exact alternatives.
 
-# Experts with hidden x intermediate at least this large run `sorted_lanes` (the mid-size model's 512 x 256 and up);
-# smaller ones are faster as `padded` batched GEMMs, or as grouped_mm's loop once the padding costs too much.
+# float32 experts with hidden x intermediate at least this large run `sorted_lanes` (the mid-size model's 512 x 256
+# and up): MKL runs a product of a few rows far below its speed, and the lanes keep every core on whole products.
+# Smaller ones run `padded` batched GEMMs (up to PADDED_MAX_PAIRS pairs), else grouped_mm's loop.
 LARGE_EXPERT = 1 << 16
 PADDED_MAX_PAIRS = 512
+# bfloat16 (and float16) products go to oneDNN, whose batched kernel over all experts beat both per-expert loops
+# (1.15x-1.75x grouped_mm on a mid-size layer routed evenly), as long as padding every expert to the busiest one
+# at most triples the rows: a router that sends most tokens to a few experts runs grouped_mm.
+PADDED_MAX_WASTE = 3
 # Rows per expert up to which `weights @ rows.T` beats `rows @ weights.T` in float32: MKL streams the weights once
 # as the left operand instead of packing them for a few rows. (bfloat16 products go to oneDNN: no gain.)
 WEIGHTS_LEFT_MAX_ROWS = {torch.float32: 4}
@@ -240,12 +245,13 @@ def _combine(hidden_states, rows_out, order, token_of_row, top_k_weights):
     return final
 
 
-def sorted_lanes_forward(self, hidden_states, top_k_index, top_k_weights):
-    """Strategy for experts of a useful size: the rows gathered in expert order, one BLAS call per expert and
-    projection, the experts split over lanes (one single-threaded worker per torch thread)."""
+def sorted_lanes_forward(self, hidden_states, top_k_index, top_k_weights, route=None):
+    """Strategy for float32 experts of a useful size: the rows gathered in expert order, one BLAS call per expert
+    and projection, the experts split over lanes (one single-threaded worker per torch thread). `route`: what
+    `_route` returned for top_k_index, if the caller has it."""
     gate_up, down = self.gate_up_proj, self.down_proj  # read once: a LoRA parametrisation computes them per read
     dtype = gate_up.dtype
-    order, token_of_row, _, counts = _route(top_k_index, self.num_experts)
+    order, token_of_row, _, counts = route or _route(top_k_index, self.num_experts)
     pairs = len(order)
     offsets = [0]
     for count in counts:
@@ -266,13 +272,14 @@ def sorted_lanes_forward(self, hidden_states, top_k_index, top_k_weights):
     return _combine(hidden_states, out, order, token_of_row, top_k_weights)
 
 
-def padded_forward(self, hidden_states, top_k_index, top_k_weights):
-    """Strategy for small experts and few pairs: every expert's rows padded to the busiest expert's count, and each
-    projection one batched GEMM over all experts (torch's bmm spreads the experts over its threads). Fewer, larger
-    calls win where a per-expert GEMM is too small to pay for its own call."""
+def padded_forward(self, hidden_states, top_k_index, top_k_weights, route=None):
+    """Strategy for bfloat16, and for small experts: every expert's rows padded to the busiest expert's count,
+    and each projection one batched GEMM over all experts (torch's bmm spreads the experts over its threads; in
+    bfloat16 it is one oneDNN batched call). Fewer, larger calls win where a per-expert GEMM is too small or too
+    fast to pay for its own call; the padding is bounded by PADDED_MAX_WASTE."""
     gate_up, down = self.gate_up_proj, self.down_proj
     dtype = gate_up.dtype
-    order, token_of_row, sorted_expert, counts = _route(top_k_index, self.num_experts)
+    order, token_of_row, sorted_expert, counts = route or _route(top_k_index, self.num_experts)
     if not len(order):
         return torch.zeros_like(hidden_states)
     counts_t = torch.tensor(counts)
@@ -287,13 +294,16 @@ def padded_forward(self, hidden_states, top_k_index, top_k_weights):
     return _combine(hidden_states, out[sorted_expert, slot], order, token_of_row, top_k_weights)
 
 
-def choose_strategy(num_pairs: int, num_experts: int, hidden: int, intermediate: int) -> str:
-    """Which CPU strategy a forward runs (benchmarks/cpu_experts.py measures each; README, "CPU experts")."""
+def choose_strategy(counts: list[int], hidden: int, intermediate: int, dtype: torch.dtype) -> str:
+    """Which CPU strategy a forward runs, from the rows per expert (benchmarks/cpu_experts.py measures each;
+    README, "CPU experts")."""
+    pairs = sum(counts)
+    padding_pays = pairs and max(counts) * len(counts) <= PADDED_MAX_WASTE * pairs
+    if dtype != torch.float32:
+        return "padded" if padding_pays else "grouped_mm"
     if hidden * intermediate >= LARGE_EXPERT:
         return "sorted_lanes"
-    if num_pairs <= PADDED_MAX_PAIRS:
-        return "padded"
-    return "grouped_mm"
+    return "padded" if padding_pays and pairs <= PADDED_MAX_PAIRS else "grouped_mm"
 
 
 STRATEGIES = {
@@ -314,8 +324,11 @@ def cpu_moe_experts_forward(self, hidden_states, top_k_index, top_k_weights):
             f'{hidden_states.device.type}. Use "{AUTO_NAME}" (the default: {CPU_MOE_NAME} on the CPU, grouped_mm '
             'elsewhere), "grouped_mm" or "fused_moe" (CUDA): model.set_experts_implementation("auto").'
         )
-    strategy = choose_strategy(top_k_index.numel(), self.num_experts, self.hidden_dim, self.intermediate_dim)
-    return STRATEGIES[strategy](self, hidden_states, top_k_index, top_k_weights)
+    route = _route(top_k_index, self.num_experts)
+    strategy = choose_strategy(route[3], self.hidden_dim, self.intermediate_dim, self.gate_up_proj.dtype)
+    if strategy == "grouped_mm":
+        return _grouped_mm_forward(self, hidden_states, top_k_index, top_k_weights)
+    return STRATEGIES[strategy](self, hidden_states, top_k_index, top_k_weights, route=route)
 
 
 def auto_experts_forward(self, hidden_states, top_k_index, top_k_weights):

@@ -168,8 +168,8 @@ def test_cpu_experts_tables_and_targets():
     assert data["git"]["commit"] and data["machine"]["cpu_count"] and data["versions"]["torch"]
     forward = [
         [r["shape"], r["dtype"], str(r["tokens"]), str(r["threads"])]
-        + [f"{r['median_ms'][k]:.1f}" for k in ("auto", "grouped_mm", "eager")]
-        + [f"{r['speedup_vs_grouped_mm'][k]:.2f}x" for k in ("auto", "eager")]
+        + [f"{r['median_ms'][k]:.1f}" for k in ("auto", "cpu_moe", "grouped_mm", "eager")]
+        + [f"{r['speedup_vs_grouped_mm'][k]:.2f}x" for k in ("auto", "cpu_moe", "eager")]
         for r in data["forward"]
     ]
     assert_table("(`benchmarks/results/cpu_experts.json`, forward):", forward)
@@ -182,7 +182,8 @@ def test_cpu_experts_tables_and_targets():
     for target in data["targets"]:  # the targets, met or not, as the README states them
         in_readme(f"{target['dtype']}, {target['threads']} thread{'s' if target['threads'] > 1 else ''}: "
                   f"{target['speedup']:.2f}x (target {target['target']}x, {'met' if target['met'] else 'not met'})")
-    assert all(r["max_abs_logits_auto_vs_eager"] < (1e-4 if r["dtype"] == "float32" else 0.5) for r in data["forward"])
+    assert all(r["max_abs_logits_cpu_moe_vs_eager"] < (1e-4 if r["dtype"] == "float32" else 0.5)
+               for r in data["forward"])
 
 
 @pytest.mark.slow
@@ -195,8 +196,8 @@ def test_cpu_experts_benchmark_runs_small(tmp_path):
     data = json.loads(out.read_text())
     assert data["git"]["commit"] == head_commit() and data["reps"] == 1
     assert [(r["shape"], r["tokens"], r["threads"]) for r in data["forward"]] == [("mid", 8, 1)]
-    assert set(data["forward"][0]["median_ms"]) == {"auto", "grouped_mm", "eager"}
-    assert data["forward"][0]["max_abs_logits_auto_vs_eager"] < 1e-4
+    assert set(data["forward"][0]["median_ms"]) == {"auto", "cpu_moe", "grouped_mm", "eager"}
+    assert data["forward"][0]["max_abs_logits_cpu_moe_vs_eager"] < 1e-4
     assert {"sorted_lanes", "padded", "grouped_mm", "eager"} <= set(data["candidates"][0]["median_ms"])
     assert max(data["candidates"][0]["max_abs_error_vs_eager"].values()) < 1e-4
     assert (RESULTS / "cpu_experts.json").read_bytes() == committed

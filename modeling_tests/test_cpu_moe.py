@@ -189,11 +189,18 @@ def test_split_lanes_balances_cost():
     assert max(costs) - min(costs) <= cpu_moe.EXPERT_COST_ROWS + 10
 
 
-def test_choose_strategy_by_size():
-    assert cpu_moe.choose_strategy(768, 64, 512, 256) == "sorted_lanes"  # the mid-size model
-    assert cpu_moe.choose_strategy(8, 64, 2048, 1024) == "sorted_lanes"  # release widths, one token
-    assert cpu_moe.choose_strategy(192, 8, 128, 128) == "padded"  # the demo model
-    assert cpu_moe.choose_strategy(4096, 8, 128, 128) == "grouped_mm"
+def test_choose_strategy_by_size_dtype_and_padding():
+    f32, bf16 = torch.float32, torch.bfloat16
+    even = [12] * 64  # 96 tokens, top-8, evenly routed
+    skewed = [96] * 8 + [0] * 56  # the same pairs on 8 experts
+    assert cpu_moe.choose_strategy(even, 512, 256, f32) == "sorted_lanes"  # the mid-size model
+    assert cpu_moe.choose_strategy([1] * 8 + [0] * 56, 2048, 1024, f32) == "sorted_lanes"  # release, one token
+    assert cpu_moe.choose_strategy([24] * 8, 128, 128, f32) == "padded"  # the demo model
+    assert cpu_moe.choose_strategy([512] * 8, 128, 128, f32) == "grouped_mm"  # many pairs: padding costs
+    assert cpu_moe.choose_strategy([40, 1, 1, 1, 1, 1, 1, 1], 128, 128, f32) == "grouped_mm"  # 6.7x the rows
+    assert cpu_moe.choose_strategy(even, 512, 256, bf16) == "padded"
+    assert cpu_moe.choose_strategy(skewed, 512, 256, bf16) == "grouped_mm"  # all 64 experts padded to 96: 8x
+    assert cpu_moe.choose_strategy([0] * 8, 128, 128, bf16) == "grouped_mm"
 
 
 # ----------------------------------------------------------------------------------------------- in the model
@@ -203,7 +210,8 @@ def test_auto_is_the_default_and_runs_cpu_moe_for_inference(monkeypatch):
     model = LLaDAMoEForDiffusionLM.from_pretrained(FIXTURE_DIR)
     assert model.config._experts_implementation == "auto"
     calls = []
-    monkeypatch.setitem(cpu_moe.STRATEGIES, "padded", lambda *a: calls.append("cpu") or cpu_moe.padded_forward(*a))
+    monkeypatch.setitem(cpu_moe.STRATEGIES, "padded",
+                        lambda *a, **k: calls.append("cpu") or cpu_moe.padded_forward(*a, **k))
     monkeypatch.setattr(cpu_moe, "_grouped_mm_forward", lambda *a: calls.append("gmm") or cpu_moe.padded_forward(*a))
     ids = torch.randint(0, 360, (2, 7))
     with torch.no_grad():
@@ -212,6 +220,23 @@ def test_auto_is_the_default_and_runs_cpu_moe_for_inference(monkeypatch):
     calls.clear()
     model(ids).logits.sum().backward()  # autograd needs the graph: grouped_mm
     assert calls == ["gmm", "gmm"]
+
+
+def test_auto_in_bfloat16_pads_or_runs_grouped_mm(monkeypatch):
+    """bfloat16: the batched (padded) products while padding at most triples the rows, else grouped_mm."""
+    model = LLaDAMoEForDiffusionLM.from_pretrained(FIXTURE_DIR, dtype=torch.bfloat16)
+    calls = []
+    monkeypatch.setattr(cpu_moe, "_grouped_mm_forward", lambda *a: calls.append("gmm") or cpu_moe.padded_forward(*a))
+    monkeypatch.setitem(cpu_moe.STRATEGIES, "padded",
+                        lambda *a, **k: calls.append("pad") or cpu_moe.padded_forward(*a, **k))
+    with torch.no_grad():
+        model(torch.randint(0, 360, (1, 40)))
+        assert calls == ["pad", "pad"]
+        calls.clear()
+        experts = model.model.layers[0].mlp.experts  # 16 experts, top-4
+        index = torch.tensor([[0, 1, 2, 3]] * 40)  # every token on 4 experts: padding would be 4x the rows
+        experts(torch.randn(40, 64, dtype=torch.bfloat16), index, torch.rand(40, 4, dtype=torch.bfloat16))
+    assert calls == ["gmm"]
 
 
 def test_training_through_cpu_moe_gives_eager_gradients():
