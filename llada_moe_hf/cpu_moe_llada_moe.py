@@ -324,8 +324,11 @@ def cpu_moe_experts_forward(self, hidden_states, top_k_index, top_k_weights):
             f'{hidden_states.device.type}. Use "{AUTO_NAME}" (the default: {CPU_MOE_NAME} on the CPU, grouped_mm '
             'elsewhere), "grouped_mm" or "fused_moe" (CUDA): model.set_experts_implementation("auto").'
         )
+    dtype, small = self.gate_up_proj.dtype, self.hidden_dim * self.intermediate_dim < LARGE_EXPERT
+    if dtype == torch.float32 and small and top_k_index.numel() > PADDED_MAX_PAIRS:  # decided without routing
+        return _grouped_mm_forward(self, hidden_states, top_k_index, top_k_weights)
     route = _route(top_k_index, self.num_experts)
-    strategy = choose_strategy(route[3], self.hidden_dim, self.intermediate_dim, self.gate_up_proj.dtype)
+    strategy = choose_strategy(route[3], self.hidden_dim, self.intermediate_dim, dtype)
     if strategy == "grouped_mm":
         return _grouped_mm_forward(self, hidden_states, top_k_index, top_k_weights)
     return STRATEGIES[strategy](self, hidden_states, top_k_index, top_k_weights, route=route)
