@@ -86,6 +86,21 @@ def test_generate_cpu_tables(name):
     assert all(r["same_tokens_as_eager"] == 1.0 for r in data["results"])
 
 
+@pytest.mark.parametrize("name", ["generate_cpu_mid_auto.json", "generate_cpu_tiny_auto.json"])
+def test_generate_cpu_experts_tables(name):
+    """The generation runs with --experts grouped_mm,auto (section "CPU experts in generation")."""
+    data = result(name)
+    assert data["git"]["commit"] and data["machine"]["cpu_count"]
+    rows = [[r["experts"], str(r["batch_size"]), r["mode"], f"{r['tokens_per_s']:.1f}", f"{r['ms_per_step']:.2f}"]
+            for r in data["results"]]  # fmt: skip
+    assert_table(f"(`benchmarks/results/{name}`):", rows)
+    step = {(r["experts"], r["batch_size"], r["mode"]): r["ms_per_step"] for r in data["results"]}
+    for batch in sorted({r["batch_size"] for r in data["results"]}):
+        ratios = [step[("grouped_mm", b, m)] / step[key] for key in step for (e, b, m) in [key]
+                  if e == "auto" and b == batch]  # fmt: skip
+        in_readme(f"{min(ratios):.2f}x to {max(ratios):.2f}x")
+
+
 def test_generate_cpu_static_figures():
     """The prose's ranges of the static path's speedup are the JSON's."""
     for name in ("generate_cpu_tiny.json", "generate_cpu_tiny_64.json"):
