@@ -8,12 +8,14 @@ come from DRAM) each GEMM is short, so the threads hardly help (issue 13 measure
 and a GEMM of a few rows runs at a fraction of the memory bandwidth. This path, measured against the alternatives
 in `benchmarks/cpu_experts.py` (README, "CPU experts"):
 
-1. sorts the (token, expert) pairs by expert once and gathers the token rows in that order;
-2. splits the experts into as many *lanes* as torch has threads, balanced by rows and weights read, and runs each
-   lane on its own single-threaded worker: every core streams its own experts' weights and runs whole GEMMs,
-   instead of all cores sharing each small GEMM;
-3. for each expert, runs gate_up, SiLU(gate) * up and down with BLAS calls into preallocated buffers, choosing the
-   product's orientation by the number of rows (`weights @ rows.T` for a few rows, `rows @ weights.T` for more);
+1. sorts the (token, expert) pairs by expert once, and chooses a strategy from the dtype and the rows per expert;
+2. float32 experts of a useful size run `sorted_lanes`: the sorted rows split into as many *lanes* as torch has
+   threads, balanced by rows and experts touched, each lane on its own single-threaded worker, so that every core
+   streams its own experts' weights and runs whole GEMMs instead of all cores sharing each small GEMM; per expert
+   gate_up, SiLU(gate) * up and down are BLAS calls into preallocated buffers, with the product's orientation
+   chosen by the number of rows (`weights @ rows.T` for a few rows, `rows @ weights.T` for more);
+3. bfloat16 (and small float32 experts) run `padded`: every expert's rows padded to the busiest expert's count,
+   one batched GEMM per projection over all experts, unless the padding would cost too much (then grouped_mm);
 4. scales by the routing weights and adds each pair into its token in expert order, as the eager loop does.
 
 It is a forward for inference. When autograd needs the experts' graph (training, LoRA training) it runs
@@ -42,22 +44,23 @@ AUTO_NAME = "auto"
 # Smaller ones run `padded` batched GEMMs (up to PADDED_MAX_PAIRS pairs), else grouped_mm's loop.
 LARGE_EXPERT = 1 << 16
 PADDED_MAX_PAIRS = 512
-# bfloat16 (and float16) products go to oneDNN, whose batched kernel over all experts beat both per-expert loops
-# (1.15x-1.75x grouped_mm on a mid-size layer routed evenly), as long as padding every expert to the busiest one
-# at most triples the rows: a router that sends most tokens to a few experts runs grouped_mm.
+# bfloat16 (and float16) products go to oneDNN, whose batched kernel over all experts was the fastest strategy in 8
+# of 10 sizes of a mid-size layer routed evenly (0.95x-1.71x grouped_mm), as long as padding every expert to the
+# busiest one at most triples the rows: a router that sends most tokens to a few experts runs grouped_mm.
 PADDED_MAX_WASTE = 3
 # Rows per expert up to which `weights @ rows.T` beats `rows @ weights.T` in float32: MKL streams the weights once
 # as the left operand instead of packing them for a few rows. (bfloat16 products go to oneDNN: no gain.)
 WEIGHTS_LEFT_MAX_ROWS = {torch.float32: 4}
 # Rows per expert up to which reading an expert's weights once (a sum) before its GEMM pays in float32: the GEMM
 # then finds them in the cache instead of waiting on DRAM for each panel. Only for weights that fit a core's L2
-# cache (the mid-size model's 1 MiB): the release's 16 MiB would be read from DRAM twice (measured 0.92x).
+# cache (the mid-size model's 1 MiB): the release's 16 MiB would be read from DRAM twice.
 TOUCH_MAX_ROWS = {torch.float32: 24}
 TOUCH_MAX_BYTES = 2 << 20
 # Rows a lane takes through gate_up, the activation and down at a time: the intermediates of 128 rows stay in the
 # L2/L3 cache (all the pairs' at once would not, at 512 tokens).
 BLOCK_ROWS = 128
-# Multiply-adds a lane must have to be worth a worker's wake-up and the OpenMP team's restart (about 0.5 ms).
+# Multiply-adds a lane must have to be worth a worker's wake-up and the OpenMP team's restart (on the mid-size
+# model: two lanes from about 40 tokens).
 LANE_MIN_WORK = 64 << 20
 
 
@@ -120,7 +123,7 @@ class _Lanes:
                 if self._pool is not None and self._pid == os.getpid():
                     self._pool.shutdown(wait=False)
                 threads = torch.get_num_threads()
-                ready = threading.Barrier(workers + 1)
+                ready = threading.Barrier(workers + 1, timeout=120)  # a worker that cannot start raises, not hangs
 
                 def single_threaded():
                     torch.set_num_threads(1)
