@@ -380,6 +380,18 @@ class StepRandom:
 RECOMPILE_LIMIT = 64  # graphs per step piece: shapes (one per bucket, block and batch size) x sampler settings
 
 
+def _compile_options(mode: str | None) -> dict:
+    """Inductor options of the static step: `mode`'s (CUDA graphs for "reduce-overhead"), plus rounding every
+    half-precision intermediate as eager does. Without that, inductor keeps fused intermediates in float32: in
+    bfloat16 the logits move by an ulp, near-ties flip, and the static path's tokens stop matching the plain
+    path's (0.85 of them on the 7B shape on an H200; 0.89 on the CPU)."""
+    from torch import _inductor  # imported on first use: compiling needs it anyway
+
+    options = dict(_inductor.list_mode_options(mode)) if mode else {}
+    options["emulate_precision_casts"] = True
+    return options
+
+
 def _with_recompile_budget(compiled, plain):
     """Run a compiled step piece with room for the graphs a session of different settings needs (torch's default
     is 8 per function); past that, say so once and run the piece eagerly rather than fail."""
@@ -928,8 +940,9 @@ class DiffusionGenerationMixin:
         mode = "reduce-overhead" if device.type == "cuda" else None
         if mode not in compiled:
             functions = {"full": self._full_step_logits, "window": self._window_step_logits, "decode": self._step_decode}
+            options = _compile_options(mode)
             compiled[mode] = {
-                key: _with_recompile_budget(torch.compile(fn, fullgraph=True, mode=mode), plain[key])
+                key: _with_recompile_budget(torch.compile(fn, fullgraph=True, options=options), plain[key])
                 for key, fn in functions.items()
             }
         return compiled[mode]
