@@ -313,8 +313,7 @@ def align_timings(index, num_experts, block_m, device):
             with torch.cuda.graph(graph):
                 fn()
             row[f"{name}_graph_ms"] = bench(graph.replay, device)
-    row["align_one_launch_default"] = fused.single_launch_default(index.numel(), capturing=False)
-    row["align_one_launch_default_in_graph"] = fused.single_launch_default(index.numel(), capturing=True)
+    row["align_one_launch_default"] = index.numel() <= fused.SINGLE_LAUNCH_MAX_PAIRS
     return row
 
 

@@ -332,17 +332,12 @@ if triton is not None:
 
 
 # Up to this many (token, expert) pairs the routing runs as one program (one launch) instead of three launches
-# that each spread over the pairs: launched eagerly, decode-sized batches are bound by launches, not by this work
-# (H200, moe_layer_h200.json: one launch is the faster up to 128 tokens at top-8; 512 pairs = 64 tokens).
+# that each spread over the pairs: decode-sized batches are bound by launches, not by this work. (512 pairs =
+# 64 tokens at top-8. On an H200, moe_layer_h200.json: launched eagerly, one launch is the faster up to 128 tokens;
+# replayed from a CUDA graph, only up to 16. Static decoding records graphs, so the switch stays below the eager
+# crossover. Switching on capture state would need the warmup and the recording to use the same Triton kernels:
+# a kernel first loaded while a graph records fails.)
 SINGLE_LAUNCH_MAX_PAIRS = 512
-# Replayed from a CUDA graph a launch costs no host time, and the three launches are the faster from 32 tokens
-# on (same run: 13 µs against 15 at 32 tokens, 13 against 23 at 64); 128 pairs = 16 tokens at top-8.
-SINGLE_LAUNCH_MAX_PAIRS_IN_GRAPH = 128
-
-
-def single_launch_default(num_pairs: int, capturing: bool) -> bool:
-    """Whether the routing of `num_pairs` pairs runs as one program: eagerly, or while a CUDA graph records."""
-    return num_pairs <= (SINGLE_LAUNCH_MAX_PAIRS_IN_GRAPH if capturing else SINGLE_LAUNCH_MAX_PAIRS)
 
 
 def align_routing(top_k_index: torch.Tensor, num_experts: int, block_m: int, single_launch: bool | None = None):
@@ -354,9 +349,8 @@ def align_routing(top_k_index: torch.Tensor, num_experts: int, block_m: int, sin
         offsets: int32 [num_experts], the padded end row of each expert (cumulative), for grouped GEMMs.
         pair_row: int64 [S], the row of each pair.
     All sizes depend on shapes only (no host sync): num_blocks = ceil(S / block_m) + min(E, S) bounds the tiles.
-    Up to SINGLE_LAUNCH_MAX_PAIRS pairs (SINGLE_LAUNCH_MAX_PAIRS_IN_GRAPH while a CUDA graph records, or with
-    `single_launch=True`) one program does everything; beyond, three launches parallel over the pairs (count per
-    chunk, prefix over chunks, scatter).
+    Up to SINGLE_LAUNCH_MAX_PAIRS pairs (or with `single_launch=True`) one program does everything; beyond, three
+    launches parallel over the pairs (count per chunk, prefix over chunks, scatter).
     """
     device = top_k_index.device
     num_pairs = top_k_index.numel()
@@ -365,8 +359,7 @@ def align_routing(top_k_index: torch.Tensor, num_experts: int, block_m: int, sin
     e_pow2 = triton.next_power_of_2(num_experts)
     expert_ids = top_k_index.reshape(-1)
     if single_launch is None:
-        capturing = device.type == "cuda" and torch.cuda.is_current_stream_capturing()
-        single_launch = single_launch_default(num_pairs, capturing)
+        single_launch = num_pairs <= SINGLE_LAUNCH_MAX_PAIRS
     pair_row = torch.empty(num_pairs, dtype=torch.int64, device=device)
     if single_launch:
         buffer = torch.empty(num_rows + num_blocks + e_pow2, dtype=torch.int32, device=device)

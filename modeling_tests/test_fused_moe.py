@@ -145,13 +145,6 @@ def test_align_routing_kernel_matches_torch(num_tokens, num_experts, top_k, bloc
         assert a.shape == b.shape and torch.equal(a.long(), b.long()), name
 
 
-def test_single_launch_default_follows_the_measured_crossovers():
-    """One routing launch up to 64 tokens at top-8 when launched eagerly, up to 16 while a CUDA graph records
-    (where launches cost no host time and the three-launch path is the faster from 32 tokens on)."""
-    assert fused.single_launch_default(512, capturing=False) and not fused.single_launch_default(513, capturing=False)
-    assert fused.single_launch_default(128, capturing=True) and not fused.single_launch_default(256, capturing=True)
-
-
 def test_align_routing_layout():
     index, _ = random_routing(13, 6, 3, seed=5, allowed=[0, 2, 3, 5])
     block_m = 16

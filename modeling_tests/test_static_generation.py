@@ -206,8 +206,8 @@ def test_compiled_static_path_with_fused_moe(golden):
 
 def test_compiled_static_path_gives_the_eager_tokens_in_bfloat16(golden):
     """bfloat16, where the last bit matters: eager rounds every intermediate to bfloat16, and the compiled step
-    must too (inductor's emulate_precision_casts). Without it the fixture's exact-mode tokens differ (0.95 equal
-    here; 0.85 on the 7B shape on an H200). prompt_bucket=1: no bucket padding, whose extra masked keys change
+    must too (inductor's emulate_precision_casts). Without it the fixture's exact-mode tokens differ (0.95 of
+    them equal here; 0.85 on the 7B shape on an H200). prompt_bucket=1: no bucket padding, whose extra masked keys change
     the attention kernel's summation (a separate, documented source of bfloat16 differences)."""
     model = LLaDAMoEForDiffusionLM.from_pretrained(
         FIXTURE_DIR, dtype=torch.bfloat16, experts_implementation="grouped_mm"
@@ -215,16 +215,25 @@ def test_compiled_static_path_gives_the_eager_tokens_in_bfloat16(golden):
     kwargs = dict(max_new_tokens=16, block_length=8, steps=16, mask_token_id=MASK, stop_at_eos=False,
                   return_dict_in_generate=True)
     eager = model.generate(golden["gen3.prompt"], **kwargs)
+    graphs = torch._dynamo.utils.counters["stats"]["unique_graphs"]
     static = model.generate(golden["gen3.prompt"], cache_implementation="static", prompt_bucket=1, **kwargs)
+    assert torch._dynamo.utils.counters["stats"]["unique_graphs"] > graphs  # compiled, not the eager fallback
     assert_same_generation(static, eager)
 
 
 def test_compile_options_emulate_eager_rounding():
+    """The static step's inductor options: mode's own (CUDA graphs for "reduce-overhead", as mode= gives them)
+    plus eager's rounding; torch validates them as torch.compile(options=...) does."""
+    from torch import _inductor
+
     from llada_moe_hf.generation_llada_moe import _compile_options
 
-    assert _compile_options(None) == {"emulate_precision_casts": True}
-    cuda = _compile_options("reduce-overhead")
-    assert cuda["emulate_precision_casts"] and cuda["triton.cudagraphs"]  # CUDA graphs, as mode= would give
+    for mode in (None, "reduce-overhead"):
+        options = _compile_options(mode)
+        expected = dict(_inductor.list_mode_options(mode)) if mode else {}
+        assert options == {**expected, "emulate_precision_casts": True}
+        torch._TorchCompileInductorWrapper(None, options, None)  # raises on an unknown option
+    assert _compile_options("reduce-overhead")["triton.cudagraphs"]
 
 
 def _step_inputs(model, tokenizer, prompt, **overrides):
