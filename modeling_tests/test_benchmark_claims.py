@@ -333,6 +333,18 @@ def test_generate_cuda_h200_table_and_figures():
     assert all(result(n)["git"]["commit"].startswith("9948a93") for n in (*GENERATE_H200, "generate_cuda_h200_f32.json"))
 
 
+def test_bf16_static_tokens_before_and_after_the_rounding_fix():
+    before, after = (result(f"generate_cpu_real_small_bf16_{n}.json") for n in ("before", "after"))
+    assert before["git"]["commit"].startswith("9948a93") and after["git"]["commit"].startswith("ca39b94")
+    assert before["command"].split("--out")[0] == after["command"].split("--out")[0]  # the same run, two commits
+    same = {name: {r["mode"]: r["same_tokens_as_eager"] for r in data["results"] if r["implementation"] == "static"}
+            for name, data in (("before", before), ("after", after))}  # fmt: skip
+    in_readme(f"tokens equal to the plain path's from {same['before']['exact']:.2f} to {same['after']['exact']:.2f} "
+              f"in exact mode, and from {same['before']['dual-cache']:.2f} to {same['after']['dual-cache']:.2f} with "
+              "the dual cache")  # fmt: skip
+    assert all(after_value >= same["before"][mode] for mode, after_value in same["after"].items())
+
+
 def test_fused_moe_h200_table_and_figures():
     data = result("moe_layer_h200.json")
     layer = {row["tokens"]: row for row in data["layer"]}
@@ -349,6 +361,8 @@ def test_fused_moe_h200_table_and_figures():
     upto = [layer[t]["fwd_speedup_vs_grouped_mm"] for t in layer if t <= 2048]
     in_readme(f"fused_moe is {min(upto):.2f}–{max(upto):.2f}× grouped_mm from 8 to 2,048 tokens, and "
               f"{layer[4096]['fwd_speedup_vs_grouped_mm']:.2f}× at\n  4,096")  # fmt: skip
+    in_readme(f"holds here:\n  {layer[32]['fwd_speedup_vs_grouped_mm']:.2f}× and {layer[64]['fwd_speedup_vs_grouped_mm']:.2f}×.")
+    assert min(layer[32]["fwd_speedup_vs_grouped_mm"], layer[64]["fwd_speedup_vs_grouped_mm"]) >= 1.5
     graph = [r["graph_speedup_vs_grouped_mm_graph"] for r in layer.values()]
     in_readme(f"it is {min(graph):.2f}–{max(graph):.2f}× faster")
     bw = [r["fused_moe_graph_frac_copy_bw"] for t, r in layer.items() if t <= 512]
