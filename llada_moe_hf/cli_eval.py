@@ -127,6 +127,24 @@ def model_args_with_seed(model_args: str, torch_seed: int | None) -> str:
 
 def run(args) -> int:
     try:
+        return _run(args)
+    finally:
+        _leave_process_group()
+
+
+def _leave_process_group():
+    """In a data-parallel run, wait until every process is done, then leave the process group. Without this a
+    process other than 0 exits while process 0 still writes the results, and gloo's threads can abort it at
+    interpreter exit ("terminate called without an active exception", SIGABRT: the run then fails)."""
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        dist.barrier()
+        dist.destroy_process_group()
+
+
+def _run(args) -> int:
+    try:
         from . import evaluation  # registers "llada_moe"; says how to install lm-eval if it is missing
 
         import lm_eval

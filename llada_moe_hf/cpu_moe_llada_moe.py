@@ -123,6 +123,10 @@ class _Lanes:
                 if self._pool is not None and self._pid == os.getpid():
                     self._pool.shutdown(wait=False)
                 threads = torch.get_num_threads()
+                # Renew torch's thread pool on this thread before the workers start. In a forked process torch
+                # replaces the parent's pool at its next use, and workers asking at once would race that
+                # replacement (one gets no pool: "Invalid thread pool!").
+                torch.set_num_threads(threads)
                 ready = threading.Barrier(workers + 1, timeout=120)  # a worker that cannot start raises, not hangs
 
                 def single_threaded():

@@ -54,7 +54,8 @@ def run_distributed(world_size: int):
                 s.bind(("127.0.0.1", 0))
                 port = s.getsockname()[1]
             # fork: the workers start with everything imported (a spawned worker spends seconds importing torch and
-            # transformers again); the tests run on one intra-op thread (conftest), which keeps fork safe.
+            # transformers again); the tests run on one intra-op thread (conftest), which keeps fork safe, and
+            # each worker renews torch's thread pool first (_after_fork).
             torch.multiprocessing.start_processes(_entry, args=(world_size, port, fn, args), nprocs=world_size,
                                                   join=True, start_method="fork")
 
@@ -63,8 +64,19 @@ def run_distributed(world_size: int):
     return decorate
 
 
+def _after_fork():
+    """Renew torch's intra-op thread pool in a forked worker while it has one thread. After a fork torch replaces
+    the pool the parent had (its threads are gone) at the next use, and that replacement races: a thread that
+    asks while another one replaces it gets none ("pool INTERNAL ASSERT FAILED ... Invalid thread pool!"). Once
+    the parent has called torch.set_num_threads (conftest does), every new thread asks at its first parallel
+    operation, and transformers loads weights on several threads at once."""
+    torch.set_num_threads(torch.get_num_threads())
+
+
 def _entry(rank, world_size, port, fn, args):
     import torch.distributed as dist
+
+    _after_fork()
 
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(world_size),
                       LOCAL_RANK=str(rank), LOCAL_WORLD_SIZE=str(world_size))
@@ -75,9 +87,14 @@ def _entry(rank, world_size, port, fn, args):
         dist.destroy_process_group()
 
 
+def _forked(rank, fn, *args):
+    _after_fork()
+    return fn(rank, *args)
+
+
 def _spawn_by_fork(fn, args=(), nprocs=1, join=True, daemon=False, start_method="spawn"):
-    return torch.multiprocessing.start_processes(fn, args=args, nprocs=nprocs, join=join, daemon=daemon,
-                                                 start_method="fork")
+    return torch.multiprocessing.start_processes(_forked, args=(fn, *args), nprocs=nprocs, join=join,
+                                                 daemon=daemon, start_method="fork")
 
 
 # torch.multiprocessing whose spawn() forks: for the transformers versions whose mixins call mp.spawn themselves.

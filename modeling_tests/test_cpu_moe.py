@@ -142,6 +142,36 @@ def test_a_failing_lane_raises_and_restores_threads(lanes_on_tiny_shapes, monkey
     assert torch.get_num_threads() == 2
 
 
+def test_lanes_run_in_a_forked_process(monkeypatch):
+    """A worker process forked from a single-threaded parent (a fork-started rank, a DataLoader worker) that then
+    uses several threads starts its own lane workers and gets the parent's numbers. Its lanes renew torch's
+    thread pool before the workers start (_Lanes.pool). (A parent that ran OpenMP teams of 2+ threads cannot
+    fork safely at all: GNU OpenMP's next team in the child hangs, with or without this package.)"""
+    import multiprocessing
+
+    monkeypatch.setattr(cpu_moe, "LANE_MIN_WORK", 1)
+    module = experts_module()
+    index, weights = routing(40, 5, 3, "random")
+    hidden = torch.randn(40, 96)
+    assert torch.get_num_threads() == 1  # conftest
+    want = run_strategy("sorted_lanes", module, hidden, index, weights)
+
+    def child(queue):
+        torch.set_num_threads(4)
+        got = run_strategy("sorted_lanes", module, hidden, index, weights)
+        queue.put((threading.active_count(), got.tolist()))  # plain values: no shared memory to outlive the child
+
+    context = multiprocessing.get_context("fork")
+    queue = context.Queue()
+    process = context.Process(target=child, args=(queue,))
+    process.start()
+    threads, got = queue.get(timeout=120)
+    process.join(timeout=60)
+    assert process.exitcode == 0
+    assert threads >= 4  # the child's three lane workers and its main thread
+    torch.testing.assert_close(torch.tensor(got), want, rtol=0, atol=1e-5)
+
+
 def test_expert_parallel_sentinel_is_skipped():
     """Id E marks a pair whose expert lives on another rank: it contributes nothing, as in the eager loop."""
     module = experts_module()
