@@ -201,6 +201,23 @@ def test_cpu_experts_tables_and_targets():
                for r in data["forward"])
 
 
+def test_cpu_rows_kernel_lead_table():
+    data = result("cpu_rows_kernel.json")
+    assert data["git"]["commit"] and data["dtype"] == "float32" and data["threads"] == 1
+    rows = [
+        [str(r["rows"])]
+        + [f"{r['median_ms'][k]:.2f}" for k in ("mkl", "one_row")]
+        + [f"{r['median_ms']['mkl'] / r['median_ms']['one_row']:.2f}x", f"{r['median_ms']['four_rows']:.2f}",
+           f"{r['median_ms']['mkl'] / r['median_ms']['four_rows']:.2f}x"]
+        for r in data["results"]
+    ]  # fmt: skip
+    assert_table("(`benchmarks/results/cpu_rows_kernel.json`):", rows)
+    speedup = {r["rows"]: r["median_ms"]["mkl"] / r["median_ms"]["one_row"] for r in data["results"]}
+    low = min(v for k, v in speedup.items() if k <= 4)
+    high = max(v for k, v in speedup.items() if k <= 4)
+    in_readme(f"Up to 4 rows an expert, streaming the weights once is {low:.1f}x to {high:.1f}x MKL's product")
+
+
 @pytest.mark.slow
 def test_cpu_experts_benchmark_runs_small(tmp_path):
     committed = (RESULTS / "cpu_experts.json").read_bytes()
