@@ -1,11 +1,12 @@
 """Issue 13: the CPU experts implementation (`cpu_moe`) and the default (`auto`) against the eager loop."""
 
+import os
 import threading
 
 import pytest
 import torch
 
-from conftest import FIXTURE_DIR, tiny_config
+from conftest import FIXTURE_DIR, REPO_ROOT, tiny_config
 from llada_moe_hf import LLaDAMoEConfig, LLaDAMoEForDiffusionLM
 from llada_moe_hf import cpu_moe_llada_moe as cpu_moe
 from llada_moe_hf.modeling_llada_moe import LLaDAMoEExperts
@@ -142,34 +143,50 @@ def test_a_failing_lane_raises_and_restores_threads(lanes_on_tiny_shapes, monkey
     assert torch.get_num_threads() == 2
 
 
-def test_lanes_run_in_a_forked_process(monkeypatch):
+FORKED_LANES = """
+import multiprocessing, threading, torch
+import test_cpu_moe as t
+from llada_moe_hf import cpu_moe_llada_moe as cpu_moe
+
+cpu_moe.LANE_MIN_WORK = 1
+torch.set_num_threads(1)
+module = t.experts_module()
+index, weights = t.routing(40, 5, 3, "random")
+hidden = torch.randn(40, 96)
+want = t.run_strategy("sorted_lanes", module, hidden, index, weights)
+
+
+def child(queue):
+    torch.set_num_threads(4)
+    got = t.run_strategy("sorted_lanes", module, hidden, index, weights)
+    queue.put((threading.active_count(), got.tolist()))  # plain values: no shared memory to outlive the child
+
+
+context = multiprocessing.get_context("fork")
+queue = context.Queue()
+process = context.Process(target=child, args=(queue,))
+process.start()
+threads, got = queue.get(timeout=100)
+process.join(timeout=30)
+assert process.exitcode == 0, process.exitcode
+assert threads >= 4, threads  # the child's three lane workers and its main thread
+torch.testing.assert_close(torch.tensor(got), want, rtol=0, atol=1e-5)
+print("forked lanes ok")
+"""
+
+
+def test_lanes_run_in_a_forked_process():
     """A worker process forked from a single-threaded parent (a fork-started rank, a DataLoader worker) that then
-    uses several threads starts its own lane workers and gets the parent's numbers. Its lanes renew torch's
-    thread pool before the workers start (_Lanes.pool). (A parent that ran OpenMP teams of 2+ threads cannot
-    fork safely at all: GNU OpenMP's next team in the child hangs, with or without this package.)"""
-    import multiprocessing
+    uses several threads starts its own lane workers and gets the parent's numbers; its lanes renew torch's
+    thread pool before the workers start (_Lanes.pool). Run in a new interpreter: a parent that has run OpenMP
+    teams of 2+ threads (this test process has) cannot fork safely at all, with or without this package."""
+    import subprocess
+    import sys
 
-    monkeypatch.setattr(cpu_moe, "LANE_MIN_WORK", 1)
-    module = experts_module()
-    index, weights = routing(40, 5, 3, "random")
-    hidden = torch.randn(40, 96)
-    assert torch.get_num_threads() == 1  # conftest
-    want = run_strategy("sorted_lanes", module, hidden, index, weights)
-
-    def child(queue):
-        torch.set_num_threads(4)
-        got = run_strategy("sorted_lanes", module, hidden, index, weights)
-        queue.put((threading.active_count(), got.tolist()))  # plain values: no shared memory to outlive the child
-
-    context = multiprocessing.get_context("fork")
-    queue = context.Queue()
-    process = context.Process(target=child, args=(queue,))
-    process.start()
-    threads, got = queue.get(timeout=120)
-    process.join(timeout=60)
-    assert process.exitcode == 0
-    assert threads >= 4  # the child's three lane workers and its main thread
-    torch.testing.assert_close(torch.tensor(got), want, rtol=0, atol=1e-5)
+    tests = os.path.dirname(os.path.abspath(__file__))
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=os.pathsep.join([tests, str(REPO_ROOT)]))
+    done = subprocess.run([sys.executable, "-c", FORKED_LANES], capture_output=True, text=True, env=env, timeout=300)
+    assert done.returncode == 0 and "forked lanes ok" in done.stdout, done.stderr[-3000:]
 
 
 def test_expert_parallel_sentinel_is_skipped():
