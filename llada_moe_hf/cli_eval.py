@@ -126,16 +126,16 @@ def model_args_with_seed(model_args: str, torch_seed: int | None) -> str:
 
 
 def run(args) -> int:
-    try:
-        return _run(args)
-    finally:
-        _leave_process_group()
+    code = _run(args)
+    _leave_process_group()  # not after an exception: the other processes may never reach the barrier
+    return code
 
 
 def _leave_process_group():
     """In a data-parallel run, wait until every process is done, then leave the process group. Without this a
     process other than 0 exits while process 0 still writes the results, and gloo's threads can abort it at
-    interpreter exit ("terminate called without an active exception", SIGABRT: the run then fails)."""
+    interpreter exit ("terminate called without an active exception", SIGABRT: the run then fails). Every exit
+    code of `_run` is reached by all processes alike (argument errors, lm-eval's ValueErrors, success)."""
     import torch.distributed as dist
 
     if dist.is_available() and dist.is_initialized():
