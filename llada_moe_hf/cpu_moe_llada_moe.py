@@ -32,6 +32,8 @@ from concurrent.futures import ThreadPoolExecutor, wait
 
 import torch
 
+from . import cpu_kernel_llada_moe as kernel_lib
+
 
 CPU_MOE_NAME = "cpu_moe"
 AUTO_NAME = "auto"
@@ -48,7 +50,10 @@ PADDED_MAX_PAIRS = 512
 # of 10 sizes of a mid-size layer routed evenly (0.95x-1.71x grouped_mm), as long as padding every expert to the
 # busiest one at most triples the rows: a router that sends most tokens to a few experts runs grouped_mm.
 PADDED_MAX_WASTE = 3
-# Rows per expert up to which `weights @ rows.T` beats `rows @ weights.T` in float32: MKL streams the weights once
+# Rows per expert up to which the built kernel (cpu_kernel_llada_moe.py) runs an expert's float32 products instead
+# of MKL: it reads the weights where they lie instead of repacking them per call.
+KERNEL_MAX_ROWS = 128
+# Without the kernel (no compiler, LLADA_MOE_CPU_KERNEL=0): rows per expert up to which `weights @ rows.T` beats `rows @ weights.T` in float32: MKL streams the weights once
 # as the left operand instead of packing them for a few rows. (bfloat16 products go to oneDNN: no gain.)
 WEIGHTS_LEFT_MAX_ROWS = {torch.float32: 4}
 # Rows per expert up to which reading an expert's weights once (a sum) before its GEMM pays in float32: the GEMM
@@ -203,10 +208,44 @@ def _project(rows: torch.Tensor, weight: torch.Tensor, out: torch.Tensor, weight
         torch.mm(rows, weight.t(), out=out)
 
 
+def _kernel_takes(kernel, rows, gate_up, down, gate_up_out, act_out, out) -> bool:
+    return (
+        kernel is not None
+        and kernel_lib.grouped_usable(rows, gate_up, gate_up_out)
+        and kernel_lib.grouped_usable(act_out, down, out)
+    )
+
+
+def _run_experts_kernel(kernel, act_fn, gate_up, down, rows, gate_up_out, act_out, out, offsets, row_start, row_end):
+    """run_experts with the built kernel: each projection one call over the lane's experts (no Python between
+    experts), the activation one torch call over the lane's rows; experts with more than KERNEL_MAX_ROWS rows
+    (where MKL is as fast) run MKL's product."""
+    offsets_t = torch.tensor(offsets, dtype=torch.int64)
+    busy = []  # (expert, lo, hi) of the experts the kernel leaves to MKL
+    for expert in range(len(offsets) - 1):
+        lo, hi = max(offsets[expert], row_start), min(offsets[expert + 1], row_end)
+        if hi - lo > KERNEL_MAX_ROWS:
+            busy.append((expert, lo, hi))
+    kernel_lib.grouped_linear(kernel, rows, gate_up, offsets_t, row_start, row_end, KERNEL_MAX_ROWS, gate_up_out)
+    for expert, lo, hi in busy:
+        torch.mm(rows[lo:hi], gate_up[expert].t(), out=gate_up_out[lo:hi])
+    intermediate = down.shape[-1]
+    lane = gate_up_out[row_start:row_end]
+    torch.mul(act_fn(lane[:, :intermediate]), lane[:, intermediate:], out=act_out[row_start:row_end])
+    kernel_lib.grouped_linear(kernel, act_out, down, offsets_t, row_start, row_end, KERNEL_MAX_ROWS, out)
+    for expert, lo, hi in busy:
+        torch.mm(act_out[lo:hi], down[expert].t(), out=out[lo:hi])
+
+
 @torch.no_grad()  # grad mode is per thread: a worker must not record the out= products either
-def run_experts(act_fn, gate_up, down, rows, gate_up_out, act_out, out, offsets, row_start, row_end):
+def run_experts(act_fn, gate_up, down, rows, gate_up_out, act_out, out, offsets, kernel, row_start, row_end):
     """gate_up, SiLU(gate) * up and down for the rows row_start..row_end-1 (sorted by expert, expert e's rows at
-    offsets[e]..offsets[e + 1] - 1), a block of experts at a time so that the intermediates stay in the cache."""
+    offsets[e]..offsets[e + 1] - 1). `kernel`: the built float32 kernel (cpu_kernel_llada_moe.load()), or None
+    for MKL alone: then a block of experts at a time, so that the intermediates stay in the cache."""
+    if _kernel_takes(kernel, rows, gate_up, down, gate_up_out, act_out, out):
+        return _run_experts_kernel(
+            kernel, act_fn, gate_up, down, rows, gate_up_out, act_out, out, offsets, row_start, row_end
+        )
     small = WEIGHTS_LEFT_MAX_ROWS.get(rows.dtype, 0)
     fits = gate_up[0].numel() * gate_up.element_size() <= TOUCH_MAX_BYTES
     touch = TOUCH_MAX_ROWS.get(rows.dtype, 0) if fits else 0
@@ -269,7 +308,8 @@ def sorted_lanes_forward(self, hidden_states, top_k_index, top_k_weights, route=
     gate_up_out = rows.new_empty(pairs, gate_up.shape[1])
     act_out = rows.new_empty(pairs, down.shape[-1])
     out = rows.new_empty(pairs, down.shape[1])
-    args = (self.act_fn, gate_up, down, rows, gate_up_out, act_out, out, offsets)
+    kernel = kernel_lib.load() if dtype == torch.float32 else None
+    args = (self.act_fn, gate_up, down, rows, gate_up_out, act_out, out, offsets, kernel)
 
     work = pairs * down.shape[1] * down.shape[2] * 3  # multiply-adds of both projections
     lanes = min(torch.get_num_threads(), work // LANE_MIN_WORK)

@@ -12,6 +12,7 @@ from llada_moe_hf import cpu_moe_llada_moe as cpu_moe
 from llada_moe_hf.modeling_llada_moe import LLaDAMoEExperts
 
 
+MASK = 363  # the fixture tokenizer's mask id
 EAGER = LLaDAMoEExperts.forward.__wrapped__  # the class's own loop, whatever the config selects
 
 
@@ -53,6 +54,19 @@ def run_strategy(name, module, hidden, index, weights):
         return cpu_moe.STRATEGIES[name](module, hidden, index, weights)
 
 
+@pytest.fixture(params=["kernel", "mkl"])
+def products(request, monkeypatch):
+    """The float32 products of sorted_lanes: the built kernel (cpu_kernel_llada_moe.py), or MKL alone (no
+    compiler, LLADA_MOE_CPU_KERNEL=0)."""
+    if request.param == "mkl":
+        monkeypatch.setattr(cpu_moe.kernel_lib, "load", lambda: None)
+    elif cpu_moe.kernel_lib.load() is None:
+        if os.environ.get("LLADA_MOE_REQUIRE_KERNEL") == "1":
+            pytest.fail("the CPU experts kernel did not build (see the warning above)")
+        pytest.skip("no C++ compiler here: the CPU experts kernel cannot be built")
+    return request.param
+
+
 @pytest.fixture
 def lanes_on_tiny_shapes(monkeypatch):
     """Lanes for any amount of work, and two torch threads: the worker threads run even on test-sized shapes."""
@@ -66,7 +80,7 @@ def lanes_on_tiny_shapes(monkeypatch):
 @pytest.mark.parametrize("strategy", STRATEGY_NAMES)
 @pytest.mark.parametrize("case", ["random", "idle_experts", "one_expert"])
 @pytest.mark.parametrize("num_tokens", [1, 7, 40])
-def test_strategies_equal_eager_on_odd_shapes(strategy, case, num_tokens, lanes_on_tiny_shapes):
+def test_strategies_equal_eager_on_odd_shapes(strategy, case, num_tokens, lanes_on_tiny_shapes, products):
     """E=5 experts, top-3, H=96, I=40: one token, idle experts, all tokens on one expert; two lanes where the
     strategy has them."""
     module = experts_module()
@@ -94,8 +108,10 @@ def test_strategies_equal_eager_in_bfloat16(strategy, lanes_on_tiny_shapes):
     torch.testing.assert_close(got.float(), want, rtol=0, atol=2e-2 * want.abs().max().item())
 
 
-def test_sorted_lanes_is_the_eager_loop_bit_for_bit():
-    """Same BLAS calls per expert, pairs added in the eager loop's order: identical float32 bits (one lane)."""
+def test_sorted_lanes_is_the_eager_loop_bit_for_bit(monkeypatch):
+    """Without the kernel: the same BLAS calls per expert, pairs added in the eager loop's order: identical
+    float32 bits (one lane)."""
+    monkeypatch.setattr(cpu_moe.kernel_lib, "load", lambda: None)
     module = experts_module(num_experts=8, hidden=64, intermediate=32)
     hidden = torch.randn(50, 64)
     index, weights = routing(50, 8, 3, "random", seed=3)
@@ -267,6 +283,42 @@ def test_auto_is_the_default_and_runs_cpu_moe_for_inference(monkeypatch):
     calls.clear()
     model(ids).logits.sum().backward()  # autograd needs the graph: grouped_mm
     assert calls == ["gmm", "gmm"]
+
+
+@pytest.fixture
+def sorted_lanes_on_the_fixture(monkeypatch):
+    """The tiny fixture's experts (64 x 32) are below LARGE_EXPERT (padded): run them as a large model's."""
+    monkeypatch.setattr(cpu_moe, "LARGE_EXPERT", 1)
+    monkeypatch.setattr(cpu_moe, "LANE_MIN_WORK", 1)
+    calls = []
+    run = cpu_moe.run_experts
+    monkeypatch.setattr(cpu_moe, "run_experts", lambda *a: calls.append(a[8] is not None) or run(*a))
+    return calls
+
+
+def test_golden_logits_through_sorted_lanes(golden, products, sorted_lanes_on_the_fixture):
+    model = LLaDAMoEForDiffusionLM.from_pretrained(FIXTURE_DIR).eval()
+    with torch.no_grad():
+        logits = model(golden["logits.input_ids"]).logits
+    torch.testing.assert_close(logits, golden["logits.logits"], rtol=0, atol=1e-5)
+    assert sorted_lanes_on_the_fixture and set(sorted_lanes_on_the_fixture) == {products == "kernel"}
+
+
+def test_generation_through_the_kernel_gives_the_eager_tokens(golden, golden_meta, sorted_lanes_on_the_fixture):
+    """The faster path gives the plain one's tokens: every golden generation case, kernel against eager experts."""
+    if cpu_moe.kernel_lib.load() is None:
+        pytest.skip("no C++ compiler here: the CPU experts kernel cannot be built")
+    for case in golden_meta["generate"]:
+        kwargs = dict(case["kwargs"])
+        length = kwargs.pop("gen_length")
+        outputs = {}
+        for experts in ("eager", "auto"):
+            model = LLaDAMoEForDiffusionLM.from_pretrained(FIXTURE_DIR, experts_implementation=experts).eval()
+            outputs[experts] = model.generate(golden[case["prompt"]], max_new_tokens=length, mask_token_id=MASK,
+                                              stop_at_eos=False, **kwargs)  # fmt: skip
+        assert torch.equal(outputs["auto"], outputs["eager"])
+        assert torch.equal(outputs["auto"], golden[case["output"]])
+    assert any(sorted_lanes_on_the_fixture)
 
 
 def test_auto_in_bfloat16_pads_or_runs_grouped_mm(monkeypatch):

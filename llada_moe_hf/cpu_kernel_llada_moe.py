@@ -1,0 +1,347 @@
+# Copyright 2026 The llada-moe-hf authors. Licensed under the Apache License, Version 2.0.
+"""A float32 product kernel for the CPU experts, built on the user's machine at first use.
+
+`rows_linear(x, weight, out)` computes out = x @ weight.T for the few to few dozen rows an expert gets in a forward.
+MKL runs such a product far below the core's speed: before each call it repacks the whole weight (an expert's
+weight is read twice and written once for a dozen rows of work). This kernel reads the weight where it lies, once:
+
+- up to DOT_MAX_ROWS rows: each weight row streamed against every input row (dot products, summed across the
+  vector at the end): a memory-bound product at the speed of the weight stream;
+- more rows: the input transposed into a small buffer whose columns are the rows (padded to the vector width), and
+  each weight element broadcast against a whole column of rows (outer products): no packing, no sums across the
+  vector, and every multiply-add on a full vector but for the padding.
+
+It is plain C++ with GCC/Clang vector types, so one source runs on AVX-512, AVX2 or NEON as the compiler chooses
+(`-march=native`), no torch headers (a second to build), called through ctypes (which releases the GIL: the
+`cpu_moe` lanes run it on several threads at once). The shared library is cached by a hash of the source, the
+compiler and the CPU's flags, and written to a temporary name then moved in, so that processes building at once or
+a build cut off never leave a broken library. Without a compiler, or with LLADA_MOE_CPU_KERNEL=0, `load()` returns
+None and `cpu_moe` uses MKL (benchmarks/cpu_experts.py; README, "CPU experts").
+"""
+
+import ctypes
+import hashlib
+import logging
+import os
+import platform
+import shutil
+import subprocess
+import tempfile
+import threading
+
+import torch
+
+
+logger = logging.getLogger(__name__)
+
+ENV_SWITCH = "LLADA_MOE_CPU_KERNEL"
+ENV_CACHE = "LLADA_MOE_KERNEL_CACHE"
+# Rows up to which the dot-product form is used (measured: benchmarks/cpu_experts_kernel.py).
+DOT_MAX_ROWS = 4
+
+SOURCE = r"""
+#include <cstdint>
+#include <cstdlib>
+#include <cstring>
+
+// 16 floats: one AVX-512 register, two AVX2 or four NEON ones; the compiler splits as the target needs.
+typedef float vec __attribute__((vector_size(64)));
+typedef float uvec __attribute__((vector_size(64), aligned(4)));  // an unaligned load or store
+constexpr int64_t W = 16;
+
+static inline float lanes_sum(vec v) {
+  float s = 0.f;
+  for (int i = 0; i < W; ++i) s += v[i];
+  return s;
+}
+
+// out[i, n] = x[i, :] . w[n, :] for i < m <= 4 (MR = m): each weight row streamed once against the m rows.
+template <int MR>
+static void dot_rows(const float* x, int64_t ldx, const float* w, int64_t ldw, int64_t n_rows, int64_t k_len,
+                     float* out, int64_t ldo) {
+  const int64_t k_vec = k_len - k_len % W;
+  for (int64_t n = 0; n < n_rows; ++n) {
+    const float* wn = w + n * ldw;
+    vec acc[MR] = {};
+    for (int64_t k = 0; k < k_vec; k += W) {
+      const vec wv = *(const uvec*)(wn + k);
+      for (int i = 0; i < MR; ++i) acc[i] += wv * *(const uvec*)(x + i * ldx + k);
+    }
+    for (int i = 0; i < MR; ++i) {
+      float s = lanes_sum(acc[i]);
+      for (int64_t k = k_vec; k < k_len; ++k) s += wn[k] * x[i * ldx + k];
+      out[i * ldo + n] = s;
+    }
+  }
+}
+
+// Outer products: xt holds the rows as columns (k_len x MV*W, zero-padded); NR weight rows at a time, each
+// element broadcast against MV vectors of rows. Writes out[i, n] for i < m.
+template <int NR, int MV>
+static void outer_block(const float* xt, int64_t m, const float* w, int64_t ldw, int64_t n0, int64_t k_len,
+                        float* out, int64_t ldo) {
+  vec acc[NR][MV] = {};
+  const float* wn = w + n0 * ldw;
+  for (int64_t k = 0; k < k_len; ++k) {
+    const vec* xk = (const vec*)(xt + k * MV * W);
+    if (k % W == 0)  // the next block's weights, a line per row: DRAM latency hidden behind this block's work
+      for (int j = 0; j < NR; ++j) __builtin_prefetch(wn + (NR + j) * ldw + k);
+    for (int j = 0; j < NR; ++j) {
+      const float s = wn[j * ldw + k];
+      for (int v = 0; v < MV; ++v) acc[j][v] += s * xk[v];
+    }
+  }
+  for (int j = 0; j < NR; ++j)
+    for (int v = 0; v < MV; ++v)
+      for (int i = 0; i < W && v * W + i < m; ++i) out[(v * W + i) * ldo + n0 + j] = acc[j][v][i];
+}
+
+// A buffer per thread for the transposed rows, grown as needed (the lanes call from several threads).
+static float* scratch(int64_t floats) {
+  static thread_local float* buffer = nullptr;
+  static thread_local int64_t size = 0;
+  if (floats > size) {
+    std::free(buffer);
+    size = (floats + 4095) & ~int64_t(4095);
+    buffer = (float*)std::aligned_alloc(64, size * sizeof(float));
+    if (!buffer) size = 0;
+  }
+  return buffer;
+}
+
+constexpr int64_t CHUNK = 4 * W;  // rows per outer-product pass: 4 vectors of rows
+constexpr int64_t SUPER = 48;     // weight rows per super-block: reused from L1/L2 by every chunk of rows
+
+template <int NR, int MV>
+static void outer_span(const float* xt, int64_t m, const float* w, int64_t ldw, int64_t n0, int64_t n1,
+                       int64_t k_len, float* out, int64_t ldo) {
+  int64_t n = n0;
+  for (; n + NR <= n1; n += NR) outer_block<NR, MV>(xt, m, w, ldw, n, k_len, out, ldo);
+  for (; n < n1; ++n) outer_block<1, MV>(xt, m, w, ldw, n, k_len, out, ldo);
+}
+
+// out[i, n] = x[i, :] . w[n, :] for i < m, n < n_rows.
+static int linear_rows(const float* x, int64_t m, int64_t ldx, const float* w, int64_t ldw, int64_t n_rows,
+                       int64_t k_len, float* out, int64_t ldo, int64_t dot_max_rows) {
+  if (m <= 0) return 0;
+  if (m <= dot_max_rows && m <= 4) {
+    switch (m) {
+      case 1: dot_rows<1>(x, ldx, w, ldw, n_rows, k_len, out, ldo); return 0;
+      case 2: dot_rows<2>(x, ldx, w, ldw, n_rows, k_len, out, ldo); return 0;
+      case 3: dot_rows<3>(x, ldx, w, ldw, n_rows, k_len, out, ldo); return 0;
+      default: dot_rows<4>(x, ldx, w, ldw, n_rows, k_len, out, ldo); return 0;
+    }
+  }
+  // The rows as columns, a chunk of CHUNK rows after another (the last padded to whole vectors with zeros).
+  const int64_t chunks = (m + CHUNK - 1) / CHUNK;
+  float* xt = scratch(chunks * k_len * CHUNK);
+  if (!xt) return 1;
+  for (int64_t c = 0; c < chunks; ++c) {
+    const int64_t i0 = c * CHUNK, rows = m - i0 < CHUNK ? m - i0 : CHUNK, width = (rows + W - 1) / W * W;
+    float* xc = xt + c * k_len * CHUNK;
+    if (rows < width) std::memset(xc, 0, k_len * width * sizeof(float));
+    for (int64_t i = 0; i < rows; ++i)
+      for (int64_t k = 0; k < k_len; ++k) xc[k * width + i] = x[(i0 + i) * ldx + k];
+  }
+  for (int64_t n0 = 0; n0 < n_rows; n0 += SUPER) {
+    const int64_t n1 = n0 + SUPER < n_rows ? n0 + SUPER : n_rows;
+    for (int64_t c = 0; c < chunks; ++c) {
+      const int64_t i0 = c * CHUNK, rows = m - i0 < CHUNK ? m - i0 : CHUNK;
+      const float* xc = xt + c * k_len * CHUNK;
+      float* oc = out + i0 * ldo;
+      switch ((rows + W - 1) / W) {
+        case 1: outer_span<8, 1>(xc, rows, w, ldw, n0, n1, k_len, oc, ldo); break;
+        case 2: outer_span<8, 2>(xc, rows, w, ldw, n0, n1, k_len, oc, ldo); break;
+        case 3: outer_span<6, 3>(xc, rows, w, ldw, n0, n1, k_len, oc, ldo); break;
+        default: outer_span<6, 4>(xc, rows, w, ldw, n0, n1, k_len, oc, ldo); break;
+      }
+    }
+  }
+  return 0;
+}
+
+extern "C" int llada_rows_linear(const float* x, int64_t m, int64_t ldx, const float* w, int64_t ldw,
+                                 int64_t n_rows, int64_t k_len, float* out, int64_t ldo, int64_t dot_max_rows) {
+  return linear_rows(x, m, ldx, w, ldw, n_rows, k_len, out, ldo, dot_max_rows);
+}
+
+// One projection of a block of experts (a grouped GEMM): the rows sorted by expert, expert e's at
+// offsets[e]..offsets[e + 1] - 1; for each expert, its rows within [row_start, row_end), if at most max_rows of
+// them (the caller runs busier experts), out[rows] = x[rows] @ w[e].T. One call a lane and projection: no
+// Python between the experts.
+extern "C" int llada_grouped_linear(const float* x, int64_t ldx, const float* w, int64_t w_expert_stride,
+                                    int64_t ldw, int64_t n_rows, int64_t k_len, const int64_t* offsets,
+                                    int64_t n_experts, int64_t row_start, int64_t row_end, int64_t max_rows,
+                                    float* out, int64_t ldo, int64_t dot_max_rows) {
+  for (int64_t e = 0; e < n_experts; ++e) {
+    const int64_t lo = offsets[e] > row_start ? offsets[e] : row_start;
+    const int64_t hi = offsets[e + 1] < row_end ? offsets[e + 1] : row_end;
+    if (hi <= lo || hi - lo > max_rows) continue;
+    const int status = linear_rows(x + lo * ldx, hi - lo, ldx, w + e * w_expert_stride, ldw, n_rows, k_len,
+                                   out + lo * ldo, ldo, dot_max_rows);
+    if (status) return status;
+  }
+  return 0;
+}
+"""
+
+
+_lock = threading.Lock()
+_state = {}  # "function": the loaded entry point or None once load() has run
+
+
+def _cpu_signature() -> str:
+    """What the compiled code depends on besides the source: the CPU's instruction sets (-march=native)."""
+    try:
+        with open("/proc/cpuinfo") as f:
+            flags = next((line for line in f if line.startswith(("flags", "Features"))), "")
+    except OSError:
+        flags = ""
+    return f"{platform.machine()} {platform.processor()} {flags}"
+
+
+def _compiler() -> str | None:
+    """The C++ compiler: $CXX, else the first of c++, g++, clang++ on the PATH."""
+    if os.environ.get("CXX"):
+        return os.environ["CXX"]
+    return next((found for name in ("c++", "g++", "clang++") if (found := shutil.which(name))), None)
+
+
+def _cache_dir() -> str:
+    default = os.path.join(os.path.expanduser("~"), ".cache", "llada_moe_hf", "kernels")
+    return os.environ.get(ENV_CACHE) or default
+
+
+def _build(compiler: str, library: str) -> None:
+    """Compile SOURCE into `library` through a temporary file in the same folder, moved in only once built: a
+    build cut off (or racing another process) never leaves a partial library under the final name."""
+    directory = os.path.dirname(library)
+    os.makedirs(directory, exist_ok=True)
+    fd, source = tempfile.mkstemp(suffix=".cpp", dir=directory)
+    partial = source[: -len(".cpp")] + ".so.partial"
+    try:
+        with os.fdopen(fd, "w") as f:
+            f.write(SOURCE)
+        base = [compiler, "-O3", "-std=c++17", "-shared", "-fPIC", source, "-o", partial]
+        # -march=native: the host's vector width (the cache key holds the CPU's flags); some compilers lack it.
+        for flags in (["-march=native"], ["-mcpu=native"], []):
+            done = subprocess.run(base[:1] + flags + base[1:], capture_output=True, text=True, timeout=300)
+            if done.returncode == 0:
+                break
+        else:
+            raise RuntimeError(done.stderr.strip()[-800:] or f"{compiler} exited with {done.returncode}")
+        os.replace(partial, library)
+    finally:
+        for leftover in (source, partial):
+            if os.path.exists(leftover):
+                os.remove(leftover)
+
+
+def _bind(library: str) -> "Kernel":
+    lib = ctypes.CDLL(library)
+    i64, ptr = ctypes.c_int64, ctypes.c_void_p
+    linear, grouped = lib.llada_rows_linear, lib.llada_grouped_linear
+    linear.argtypes = [ptr, i64, i64, ptr, i64, i64, i64, ptr, i64, i64]
+    grouped.argtypes = [ptr, i64, ptr, i64, i64, i64, i64, ptr, i64, i64, i64, i64, ptr, i64, i64]
+    linear.restype = grouped.restype = ctypes.c_int
+    return Kernel(library, linear, grouped)
+
+
+class Kernel:
+    """The built library's two entry points (see SOURCE): one product, and one projection of a block of experts."""
+
+    def __init__(self, path: str, linear, grouped):
+        self.path, self.linear, self.grouped = path, linear, grouped
+
+    def __repr__(self):
+        return f"Kernel({self.path!r})"
+
+
+def load() -> Kernel | None:
+    """The kernel, built on first use and cached; None where it cannot run (switched off with
+    LLADA_MOE_CPU_KERNEL=0, no compiler, a failed build: logged once, and the experts use MKL)."""
+    with _lock:
+        if "function" not in _state:  # not recorded when interrupted (Ctrl-C): the next call tries again
+            _state["function"] = _load()
+        return _state["function"]
+
+
+def _load() -> Kernel | None:
+    if os.environ.get(ENV_SWITCH, "1").strip().lower() in ("0", "false", "no", "off"):
+        return None
+    compiler = _compiler()
+    if compiler is None:
+        logger.warning(
+            "llada-moe-hf: no C++ compiler found (c++, g++, clang++ or $CXX), so the CPU experts use MKL's GEMM, up "
+            "to 2x slower at a few rows an expert. Install one (e.g. apt install g++) to build the faster kernel, "
+            "or set %s=0 to silence this.", ENV_SWITCH)  # fmt: skip
+        return None
+    try:
+        version = subprocess.run([compiler, "--version"], capture_output=True, text=True, timeout=60).stdout
+        key = hashlib.sha256("\0".join((SOURCE, compiler, version, _cpu_signature())).encode()).hexdigest()[:16]
+        library = os.path.join(_cache_dir(), f"llada_rows_linear-{key}.so")
+        if not os.path.exists(library):
+            _build(compiler, library)
+        return _bind(library)
+    except Exception as error:  # any failure: say why once, then run MKL
+        logger.warning(
+            "llada-moe-hf: could not build the CPU experts kernel with %s (%s: %s); the experts use MKL's GEMM "
+            "instead. Set %s=0 to silence this.", compiler, type(error).__name__, str(error)[:500], ENV_SWITCH)
+        return None
+
+
+def reset() -> None:
+    """Forget the loaded kernel, so that the next load() reads LLADA_MOE_CPU_KERNEL and the cache again."""
+    with _lock:
+        _state.clear()
+
+
+def usable(x: torch.Tensor, weight: torch.Tensor, out: torch.Tensor) -> bool:
+    """Whether rows_linear can take these: float32 CPU tensors, rows contiguous, shapes that match."""
+    return (
+        x.dtype == weight.dtype == out.dtype == torch.float32
+        and x.device.type == weight.device.type == out.device.type == "cpu"
+        and x.dim() == weight.dim() == out.dim() == 2
+        and x.stride(1) == weight.stride(1) == out.stride(1) == 1
+        and x.shape[1] == weight.shape[1] and out.shape == (x.shape[0], weight.shape[0])
+    )  # fmt: skip
+
+
+def _check(status: int, rows: int, width: int) -> None:
+    if status:
+        raise MemoryError(f"the CPU experts kernel could not allocate a buffer for {rows} x {width} floats")
+
+
+def rows_linear(kernel: Kernel, x: torch.Tensor, weight: torch.Tensor, out: torch.Tensor) -> None:
+    """out = x @ weight.T (see usable())."""
+    status = kernel.linear(
+        x.data_ptr(), x.shape[0], x.stride(0), weight.data_ptr(), weight.stride(0), weight.shape[0], weight.shape[1],
+        out.data_ptr(), out.stride(0), DOT_MAX_ROWS,
+    )  # fmt: skip
+    _check(status, x.shape[0], x.shape[1])
+
+
+def grouped_usable(x: torch.Tensor, weights: torch.Tensor, out: torch.Tensor) -> bool:
+    """Whether grouped_linear can take these: float32 CPU tensors, x and out [rows, *] with contiguous rows,
+    weights [experts, N, K] with contiguous rows."""
+    return (
+        x.dtype == weights.dtype == out.dtype == torch.float32
+        and x.device.type == weights.device.type == out.device.type == "cpu"
+        and x.dim() == out.dim() == 2 and weights.dim() == 3
+        and x.stride(1) == weights.stride(2) == out.stride(1) == 1
+        and x.shape[1] == weights.shape[2] and out.shape == (x.shape[0], weights.shape[1])
+    )  # fmt: skip
+
+
+def grouped_linear(kernel: Kernel, x, weights, offsets: torch.Tensor, row_start: int, row_end: int, max_rows: int,
+                   out) -> None:  # fmt: skip
+    """For each expert e with at most max_rows rows in [row_start, row_end) (rows sorted by expert, expert e's at
+    offsets[e]..offsets[e + 1] - 1; offsets an int64 tensor of experts + 1 entries): out[rows] = x[rows] @
+    weights[e].T. Busier experts are left alone (see grouped_usable())."""
+    assert offsets.dtype == torch.int64 and offsets.is_contiguous() and len(offsets) == weights.shape[0] + 1
+    status = kernel.grouped(
+        x.data_ptr(), x.stride(0), weights.data_ptr(), weights.stride(0), weights.stride(1), weights.shape[1],
+        weights.shape[2], offsets.data_ptr(), weights.shape[0], row_start, row_end, max_rows, out.data_ptr(),
+        out.stride(0), DOT_MAX_ROWS,
+    )  # fmt: skip
+    _check(status, row_end - row_start, x.shape[1])
