@@ -183,6 +183,152 @@ extern "C" int llada_grouped_linear(const float* x, int64_t ldx, const float* w,
   }
   return 0;
 }
+
+// ---------------------------------------------------------------------------------------------------- bfloat16
+// Only where the compiler targets AVX512_BF16 (Zen 4, Sapphire Rapids and later): vdpbf16ps multiplies pairs of
+// bfloat16 and adds them into float32, 32 multiply-adds an instruction. Elsewhere llada_has_bf16() is 0 and the
+// bfloat16 experts keep their torch path. The products accumulate in float32 and round to bfloat16 once, as a
+// bfloat16 GEMM does.
+#if defined(__AVX512BF16__) && defined(__AVX512BW__)
+#include <immintrin.h>
+
+extern "C" int llada_has_bf16() { return 1; }
+
+static inline uint16_t to_bf16(float f) {  // round to nearest even, NaN kept quiet
+  uint32_t u;
+  std::memcpy(&u, &f, 4);
+  if ((u & 0x7fffffffu) > 0x7f800000u) return (uint16_t)((u >> 16) | 0x40);
+  u += 0x7fffu + ((u >> 16) & 1u);
+  return (uint16_t)(u >> 16);
+}
+
+static inline uint32_t pair_at(const uint16_t* p, int64_t k, int64_t k_len) {  // (p[k], p[k + 1]), 0 past the end
+  uint32_t lo = p[k], hi = k + 1 < k_len ? p[k + 1] : 0;
+  return lo | (hi << 16);
+}
+
+template <int MR>
+static void dot_rows_bf16(const uint16_t* x, int64_t ldx, const uint16_t* w, int64_t ldw, int64_t n_rows,
+                          int64_t k_len, uint16_t* out, int64_t ldo) {
+  for (int64_t n = 0; n < n_rows; ++n) {
+    const uint16_t* wn = w + n * ldw;
+    __m512 acc[MR];
+    for (int i = 0; i < MR; ++i) acc[i] = _mm512_setzero_ps();
+    for (int64_t k = 0; k < k_len; k += 32) {
+      const __mmask32 mask = k + 32 <= k_len ? ~__mmask32(0) : (__mmask32)((1u << (k_len - k)) - 1);
+      const __m512bh wv = (__m512bh)_mm512_maskz_loadu_epi16(mask, wn + k);
+      for (int i = 0; i < MR; ++i)
+        acc[i] = _mm512_dpbf16_ps(acc[i], wv, (__m512bh)_mm512_maskz_loadu_epi16(mask, x + i * ldx + k));
+    }
+    for (int i = 0; i < MR; ++i) out[i * ldo + n] = to_bf16(_mm512_reduce_add_ps(acc[i]));
+  }
+}
+
+// xt: for each pair of k, the rows' (x[i, k], x[i, k + 1]) as 32 bits, MV vectors of W rows.
+template <int NR, int MV>
+static void outer_block_bf16(const uint32_t* xt, int64_t m, const uint16_t* w, int64_t ldw, int64_t n0,
+                             int64_t k_len, uint16_t* out, int64_t ldo) {
+  __m512 acc[NR][MV];
+  for (int j = 0; j < NR; ++j)
+    for (int v = 0; v < MV; ++v) acc[j][v] = _mm512_setzero_ps();
+  const uint16_t* wn = w + n0 * ldw;
+  const int64_t full = k_len / 2;
+  for (int64_t p = 0; p < full; ++p) {
+    const __m512i* xk = (const __m512i*)(xt + p * MV * W);
+    if (p % W == 0)  // a line of each of the next block's rows
+      for (int j = 0; j < NR; ++j) __builtin_prefetch(wn + (NR + j) * ldw + 2 * p);
+    for (int j = 0; j < NR; ++j) {
+      int32_t pair;
+      std::memcpy(&pair, wn + j * ldw + 2 * p, 4);
+      const __m512bh b = (__m512bh)_mm512_set1_epi32(pair);
+      for (int v = 0; v < MV; ++v) acc[j][v] = _mm512_dpbf16_ps(acc[j][v], b, (__m512bh)xk[v]);
+    }
+  }
+  if (k_len % 2) {  // the last k alone, paired with zeros
+    const __m512i* xk = (const __m512i*)(xt + full * MV * W);
+    for (int j = 0; j < NR; ++j) {
+      const __m512bh b = (__m512bh)_mm512_set1_epi32((int)pair_at(wn + j * ldw, 2 * full, k_len));
+      for (int v = 0; v < MV; ++v) acc[j][v] = _mm512_dpbf16_ps(acc[j][v], b, (__m512bh)xk[v]);
+    }
+  }
+  alignas(64) float lanes[W];
+  for (int j = 0; j < NR; ++j)
+    for (int v = 0; v < MV; ++v) {
+      _mm512_store_ps(lanes, acc[j][v]);
+      for (int i = 0; i < W && v * W + i < m; ++i) out[(v * W + i) * ldo + n0 + j] = to_bf16(lanes[i]);
+    }
+}
+
+template <int NR, int MV>
+static void outer_span_bf16(const uint32_t* xt, int64_t m, const uint16_t* w, int64_t ldw, int64_t n0, int64_t n1,
+                            int64_t k_len, uint16_t* out, int64_t ldo) {
+  int64_t n = n0;
+  for (; n + NR <= n1; n += NR) outer_block_bf16<NR, MV>(xt, m, w, ldw, n, k_len, out, ldo);
+  for (; n < n1; ++n) outer_block_bf16<1, MV>(xt, m, w, ldw, n, k_len, out, ldo);
+}
+
+static int linear_rows_bf16(const uint16_t* x, int64_t m, int64_t ldx, const uint16_t* w, int64_t ldw,
+                            int64_t n_rows, int64_t k_len, uint16_t* out, int64_t ldo, int64_t dot_max_rows) {
+  if (m <= 0) return 0;
+  if (m <= dot_max_rows && m <= 4) {
+    switch (m) {
+      case 1: dot_rows_bf16<1>(x, ldx, w, ldw, n_rows, k_len, out, ldo); return 0;
+      case 2: dot_rows_bf16<2>(x, ldx, w, ldw, n_rows, k_len, out, ldo); return 0;
+      case 3: dot_rows_bf16<3>(x, ldx, w, ldw, n_rows, k_len, out, ldo); return 0;
+      default: dot_rows_bf16<4>(x, ldx, w, ldw, n_rows, k_len, out, ldo); return 0;
+    }
+  }
+  const int64_t chunks = (m + CHUNK - 1) / CHUNK, pairs = (k_len + 1) / 2;
+  uint32_t* xt = (uint32_t*)scratch(chunks * pairs * CHUNK);  // 32 bits a pair: the float buffer's size
+  if (!xt) return 1;
+  for (int64_t c = 0; c < chunks; ++c) {
+    const int64_t i0 = c * CHUNK, rows = m - i0 < CHUNK ? m - i0 : CHUNK, width = (rows + W - 1) / W * W;
+    uint32_t* xc = xt + c * pairs * CHUNK;
+    if (rows < width) std::memset(xc, 0, pairs * width * sizeof(uint32_t));
+    for (int64_t i = 0; i < rows; ++i)
+      for (int64_t p = 0; p < pairs; ++p) xc[p * width + i] = pair_at(x + (i0 + i) * ldx, 2 * p, k_len);
+  }
+  for (int64_t n0 = 0; n0 < n_rows; n0 += SUPER) {
+    const int64_t n1 = n0 + SUPER < n_rows ? n0 + SUPER : n_rows;
+    for (int64_t c = 0; c < chunks; ++c) {
+      const int64_t i0 = c * CHUNK, rows = m - i0 < CHUNK ? m - i0 : CHUNK;
+      const uint32_t* xc = xt + c * pairs * CHUNK;
+      uint16_t* oc = out + i0 * ldo;
+      switch ((rows + W - 1) / W) {
+        case 1: outer_span_bf16<8, 1>(xc, rows, w, ldw, n0, n1, k_len, oc, ldo); break;
+        case 2: outer_span_bf16<8, 2>(xc, rows, w, ldw, n0, n1, k_len, oc, ldo); break;
+        case 3: outer_span_bf16<6, 3>(xc, rows, w, ldw, n0, n1, k_len, oc, ldo); break;
+        default: outer_span_bf16<6, 4>(xc, rows, w, ldw, n0, n1, k_len, oc, ldo); break;
+      }
+    }
+  }
+  return 0;
+}
+
+extern "C" int llada_rows_linear_bf16(const uint16_t* x, int64_t m, int64_t ldx, const uint16_t* w, int64_t ldw,
+                                      int64_t n_rows, int64_t k_len, uint16_t* out, int64_t ldo,
+                                      int64_t dot_max_rows) {
+  return linear_rows_bf16(x, m, ldx, w, ldw, n_rows, k_len, out, ldo, dot_max_rows);
+}
+
+extern "C" int llada_grouped_linear_bf16(const uint16_t* x, int64_t ldx, const uint16_t* w,
+                                         int64_t w_expert_stride, int64_t ldw, int64_t n_rows, int64_t k_len,
+                                         const int64_t* offsets, int64_t n_experts, int64_t row_start,
+                                         int64_t row_end, int64_t max_rows, uint16_t* out, int64_t ldo,
+                                         int64_t dot_max_rows) {
+  for (int64_t e = 0; e < n_experts; ++e) {
+    const int64_t lo = offsets[e] > row_start ? offsets[e] : row_start;
+    const int64_t hi = offsets[e + 1] < row_end ? offsets[e + 1] : row_end;
+    if (hi <= lo || hi - lo > max_rows) continue;
+    const int status = linear_rows_bf16(x + lo * ldx, hi - lo, ldx, w + e * w_expert_stride, ldw, n_rows, k_len,
+                                        out + lo * ldo, ldo, dot_max_rows);
+    if (status) return status;
+  }
+  return 0;
+}
+#else
+extern "C" int llada_has_bf16() { return 0; }
+#endif
 """
 
 
@@ -240,21 +386,31 @@ def _build(compiler: str, library: str) -> None:
 def _bind(library: str) -> "Kernel":
     lib = ctypes.CDLL(library)
     i64, ptr = ctypes.c_int64, ctypes.c_void_p
-    linear, grouped = lib.llada_rows_linear, lib.llada_grouped_linear
-    linear.argtypes = [ptr, i64, i64, ptr, i64, i64, i64, ptr, i64, i64]
-    grouped.argtypes = [ptr, i64, ptr, i64, i64, i64, i64, ptr, i64, i64, i64, i64, ptr, i64, i64]
-    linear.restype = grouped.restype = ctypes.c_int
-    return Kernel(library, linear, grouped)
+    functions = {}
+    for dtype, suffix in ((torch.float32, ""), (torch.bfloat16, "_bf16")):
+        if dtype == torch.bfloat16 and not lib.llada_has_bf16():
+            continue
+        linear, grouped = getattr(lib, "llada_rows_linear" + suffix), getattr(lib, "llada_grouped_linear" + suffix)
+        linear.argtypes = [ptr, i64, i64, ptr, i64, i64, i64, ptr, i64, i64]
+        grouped.argtypes = [ptr, i64, ptr, i64, i64, i64, i64, ptr, i64, i64, i64, i64, ptr, i64, i64]
+        linear.restype = grouped.restype = ctypes.c_int
+        functions[dtype] = (linear, grouped)
+    return Kernel(library, functions)
 
 
 class Kernel:
-    """The built library's two entry points (see SOURCE): one product, and one projection of a block of experts."""
+    """The built library's entry points per dtype (see SOURCE): one product, and one projection of a block of
+    experts. float32 always; bfloat16 where the CPU has AVX512_BF16."""
 
-    def __init__(self, path: str, linear, grouped):
-        self.path, self.linear, self.grouped = path, linear, grouped
+    def __init__(self, path: str, functions: dict):
+        self.path, self.functions = path, functions
+
+    @property
+    def dtypes(self) -> tuple:
+        return tuple(self.functions)
 
     def __repr__(self):
-        return f"Kernel({self.path!r})"
+        return f"Kernel({self.path!r}, dtypes={[str(d).removeprefix('torch.') for d in self.dtypes]})"
 
 
 def load() -> Kernel | None:
@@ -296,10 +452,11 @@ def reset() -> None:
         _state.clear()
 
 
-def usable(x: torch.Tensor, weight: torch.Tensor, out: torch.Tensor) -> bool:
-    """Whether rows_linear can take these: float32 CPU tensors, rows contiguous, shapes that match."""
+def usable(kernel: Kernel, x: torch.Tensor, weight: torch.Tensor, out: torch.Tensor) -> bool:
+    """Whether rows_linear can take these: CPU tensors of one dtype the kernel has, rows contiguous, shapes that
+    match."""
     return (
-        x.dtype == weight.dtype == out.dtype == torch.float32
+        x.dtype == weight.dtype == out.dtype and x.dtype in kernel.functions
         and x.device.type == weight.device.type == out.device.type == "cpu"
         and x.dim() == weight.dim() == out.dim() == 2
         and x.stride(1) == weight.stride(1) == out.stride(1) == 1
@@ -314,18 +471,19 @@ def _check(status: int, rows: int, width: int) -> None:
 
 def rows_linear(kernel: Kernel, x: torch.Tensor, weight: torch.Tensor, out: torch.Tensor) -> None:
     """out = x @ weight.T (see usable())."""
-    status = kernel.linear(
+    linear, _ = kernel.functions[x.dtype]
+    status = linear(
         x.data_ptr(), x.shape[0], x.stride(0), weight.data_ptr(), weight.stride(0), weight.shape[0], weight.shape[1],
         out.data_ptr(), out.stride(0), DOT_MAX_ROWS,
     )  # fmt: skip
     _check(status, x.shape[0], x.shape[1])
 
 
-def grouped_usable(x: torch.Tensor, weights: torch.Tensor, out: torch.Tensor) -> bool:
-    """Whether grouped_linear can take these: float32 CPU tensors, x and out [rows, *] with contiguous rows,
-    weights [experts, N, K] with contiguous rows."""
+def grouped_usable(kernel: Kernel, x: torch.Tensor, weights: torch.Tensor, out: torch.Tensor) -> bool:
+    """Whether grouped_linear can take these: CPU tensors of one dtype the kernel has, x and out [rows, *] with
+    contiguous rows, weights [experts, N, K] with contiguous rows."""
     return (
-        x.dtype == weights.dtype == out.dtype == torch.float32
+        x.dtype == weights.dtype == out.dtype and x.dtype in kernel.functions
         and x.device.type == weights.device.type == out.device.type == "cpu"
         and x.dim() == out.dim() == 2 and weights.dim() == 3
         and x.stride(1) == weights.stride(2) == out.stride(1) == 1
@@ -339,7 +497,8 @@ def grouped_linear(kernel: Kernel, x, weights, offsets: torch.Tensor, row_start:
     offsets[e]..offsets[e + 1] - 1; offsets an int64 tensor of experts + 1 entries): out[rows] = x[rows] @
     weights[e].T. Busier experts are left alone (see grouped_usable())."""
     assert offsets.dtype == torch.int64 and offsets.is_contiguous() and len(offsets) == weights.shape[0] + 1
-    status = kernel.grouped(
+    _, grouped = kernel.functions[x.dtype]
+    status = grouped(
         x.data_ptr(), x.stride(0), weights.data_ptr(), weights.stride(0), weights.stride(1), weights.shape[1],
         weights.shape[2], offsets.data_ptr(), weights.shape[0], row_start, row_end, max_rows, out.data_ptr(),
         out.stride(0), DOT_MAX_ROWS,

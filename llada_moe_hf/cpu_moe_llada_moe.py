@@ -52,7 +52,9 @@ PADDED_MAX_PAIRS = 512
 PADDED_MAX_WASTE = 3
 # Rows per expert up to which the built kernel (cpu_kernel_llada_moe.py) runs an expert's float32 products instead
 # of MKL: it reads the weights where they lie instead of repacking them per call.
-KERNEL_MAX_ROWS = 128
+# (benchmarks/cpu_rows_kernel.py: float32 1.04x MKL at 128 rows, 0.95x at 256; bfloat16 1.08x oneDNN at 64 rows,
+# 0.97x at 96.)
+KERNEL_MAX_ROWS = {torch.float32: 128, torch.bfloat16: 64}
 # Without the kernel (no compiler, LLADA_MOE_CPU_KERNEL=0): rows per expert up to which `weights @ rows.T` beats `rows @ weights.T` in float32: MKL streams the weights once
 # as the left operand instead of packing them for a few rows. (bfloat16 products go to oneDNN: no gain.)
 WEIGHTS_LEFT_MAX_ROWS = {torch.float32: 4}
@@ -211,8 +213,8 @@ def _project(rows: torch.Tensor, weight: torch.Tensor, out: torch.Tensor, weight
 def _kernel_takes(kernel, rows, gate_up, down, gate_up_out, act_out, out) -> bool:
     return (
         kernel is not None
-        and kernel_lib.grouped_usable(rows, gate_up, gate_up_out)
-        and kernel_lib.grouped_usable(act_out, down, out)
+        and kernel_lib.grouped_usable(kernel, rows, gate_up, gate_up_out)
+        and kernel_lib.grouped_usable(kernel, act_out, down, out)
     )
 
 
@@ -221,18 +223,19 @@ def _run_experts_kernel(kernel, act_fn, gate_up, down, rows, gate_up_out, act_ou
     experts), the activation one torch call over the lane's rows; experts with more than KERNEL_MAX_ROWS rows
     (where MKL is as fast) run MKL's product."""
     offsets_t = torch.tensor(offsets, dtype=torch.int64)
+    max_rows = KERNEL_MAX_ROWS[rows.dtype]
     busy = []  # (expert, lo, hi) of the experts the kernel leaves to MKL
     for expert in range(len(offsets) - 1):
         lo, hi = max(offsets[expert], row_start), min(offsets[expert + 1], row_end)
-        if hi - lo > KERNEL_MAX_ROWS:
+        if hi - lo > max_rows:
             busy.append((expert, lo, hi))
-    kernel_lib.grouped_linear(kernel, rows, gate_up, offsets_t, row_start, row_end, KERNEL_MAX_ROWS, gate_up_out)
+    kernel_lib.grouped_linear(kernel, rows, gate_up, offsets_t, row_start, row_end, max_rows, gate_up_out)
     for expert, lo, hi in busy:
         torch.mm(rows[lo:hi], gate_up[expert].t(), out=gate_up_out[lo:hi])
     intermediate = down.shape[-1]
     lane = gate_up_out[row_start:row_end]
     torch.mul(act_fn(lane[:, :intermediate]), lane[:, intermediate:], out=act_out[row_start:row_end])
-    kernel_lib.grouped_linear(kernel, act_out, down, offsets_t, row_start, row_end, KERNEL_MAX_ROWS, out)
+    kernel_lib.grouped_linear(kernel, act_out, down, offsets_t, row_start, row_end, max_rows, out)
     for expert, lo, hi in busy:
         torch.mm(act_out[lo:hi], down[expert].t(), out=out[lo:hi])
 
@@ -308,7 +311,7 @@ def sorted_lanes_forward(self, hidden_states, top_k_index, top_k_weights, route=
     gate_up_out = rows.new_empty(pairs, gate_up.shape[1])
     act_out = rows.new_empty(pairs, down.shape[-1])
     out = rows.new_empty(pairs, down.shape[1])
-    kernel = kernel_lib.load() if dtype == torch.float32 else None
+    kernel = kernel_lib.load()
     args = (self.act_fn, gate_up, down, rows, gate_up_out, act_out, out, offsets, kernel)
 
     work = pairs * down.shape[1] * down.shape[2] * 3  # multiply-adds of both projections
@@ -343,11 +346,15 @@ def padded_forward(self, hidden_states, top_k_index, top_k_weights, route=None):
     return _combine(hidden_states, out[sorted_expert, slot], order, token_of_row, top_k_weights)
 
 
-def choose_strategy(counts: list[int], hidden: int, intermediate: int, dtype: torch.dtype) -> str:
-    """Which CPU strategy a forward runs, from the rows per expert (benchmarks/cpu_experts.py measures each;
-    README, "CPU experts")."""
+def choose_strategy(
+    counts: list[int], hidden: int, intermediate: int, dtype: torch.dtype, kernel_dtypes: tuple = ()
+) -> str:
+    """Which CPU strategy a forward runs, from the rows per expert and the dtypes the built kernel has
+    (benchmarks/cpu_experts.py measures each; README, "CPU experts")."""
     pairs = sum(counts)
     padding_pays = pairs and max(counts) * len(counts) <= PADDED_MAX_WASTE * pairs
+    if dtype in kernel_dtypes and hidden * intermediate >= LARGE_EXPERT:
+        return "sorted_lanes"
     if dtype != torch.float32:
         return "padded" if padding_pays else "grouped_mm"
     if hidden * intermediate >= LARGE_EXPERT:
@@ -377,7 +384,8 @@ def cpu_moe_experts_forward(self, hidden_states, top_k_index, top_k_weights):
     if dtype == torch.float32 and small and top_k_index.numel() > PADDED_MAX_PAIRS:  # decided without routing
         return _grouped_mm_forward(self, hidden_states, top_k_index, top_k_weights)
     route = _route(top_k_index, self.num_experts)
-    strategy = choose_strategy(route[3], self.hidden_dim, self.intermediate_dim, dtype)
+    kernel = kernel_lib.load()
+    strategy = choose_strategy(route[3], self.hidden_dim, self.intermediate_dim, dtype, kernel.dtypes if kernel else ())
     if strategy == "grouped_mm":
         return _grouped_mm_forward(self, hidden_states, top_k_index, top_k_weights)
     return STRATEGIES[strategy](self, hidden_states, top_k_index, top_k_weights, route=route)

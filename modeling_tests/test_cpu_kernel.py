@@ -37,37 +37,71 @@ def kernel():
 ROWS = [1, 2, 3, 4, 5, 15, 16, 17, 31, 33, 48, 63, 64, 65, 100, 130]
 
 
+def kernel_dtype(kernel, name):
+    dtype = getattr(torch, name)
+    if dtype not in kernel.dtypes:
+        pytest.skip(f"this CPU has no {name} kernel (bfloat16 needs AVX512_BF16)")
+    return dtype
+
+
+def reference(x, weight, dtype):
+    """torch's product; in bfloat16 the float32 product of the same bfloat16 values, rounded once."""
+    return (x.float() @ weight.float().t()).to(dtype)
+
+
+def tolerances(dtype):
+    return dict(rtol=1e-5, atol=1e-4) if dtype == torch.float32 else dict(rtol=1e-2, atol=1e-2)
+
+
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
 @pytest.mark.parametrize("rows", ROWS)
 @pytest.mark.parametrize("n, k", [(40, 96), (97, 40), (53, 7), (512, 512)])
-def test_rows_linear_equals_torch(kernel, rows, n, k):
+def test_rows_linear_equals_torch(kernel, dtype, rows, n, k):
+    dtype = kernel_dtype(kernel, dtype)
     generator = torch.Generator().manual_seed(rows * 1000 + n + k)
-    x = torch.randn(rows, k + 3, generator=generator)[:, 2 : 2 + k]  # rows with a stride wider than K
-    weight = torch.randn(n, k, generator=generator)
-    out = torch.full((rows, n + 5), float("nan"))[:, :n]
-    assert kernel_lib.usable(x, weight, out)
+    x = torch.randn(rows, k + 3, generator=generator).to(dtype)[:, 2 : 2 + k]  # rows strided wider than K
+    weight = torch.randn(n, k, generator=generator).to(dtype)
+    out = torch.full((rows, n + 5), float("nan"), dtype=dtype)[:, :n]
+    assert kernel_lib.usable(kernel, x, weight, out)
     kernel_lib.rows_linear(kernel, x, weight, out)
-    torch.testing.assert_close(out, x @ weight.t(), rtol=1e-5, atol=1e-4)
+    torch.testing.assert_close(out, reference(x, weight, dtype), **tolerances(dtype))
 
 
-def test_usable_refuses_what_the_kernel_cannot_read():
+def test_usable_refuses_what_the_kernel_cannot_read(kernel):
     x, weight, out = torch.randn(4, 8), torch.randn(6, 8), torch.empty(4, 6)
-    assert kernel_lib.usable(x, weight, out)
-    assert not kernel_lib.usable(x.double(), weight.double(), out.double())
-    assert not kernel_lib.usable(x.bfloat16(), weight.bfloat16(), out.bfloat16())
-    assert not kernel_lib.usable(x.t().contiguous().t(), weight, out)  # columns contiguous, not rows
-    assert not kernel_lib.usable(x, weight.t().contiguous().t(), out)
-    assert not kernel_lib.usable(x, weight, torch.empty(4, 7))
-    assert not kernel_lib.usable(x, torch.randn(6, 9), out)
+    assert kernel_lib.usable(kernel, x, weight, out)
+    assert not kernel_lib.usable(kernel, x.double(), weight.double(), out.double())
+    assert not kernel_lib.usable(kernel, x.half(), weight.half(), out.half())
+    assert not kernel_lib.usable(kernel, x, weight.bfloat16(), out)  # mixed dtypes
+    assert not kernel_lib.usable(kernel, x.t().contiguous().t(), weight, out)  # columns contiguous, not rows
+    assert not kernel_lib.usable(kernel, x, weight.t().contiguous().t(), out)
+    assert not kernel_lib.usable(kernel, x, weight, torch.empty(4, 7))
+    assert not kernel_lib.usable(kernel, x, torch.randn(6, 9), out)
+    assert not kernel_lib.usable(kernel, x.to("meta"), weight.to("meta"), out.to("meta"))
 
 
+def test_bfloat16_rounds_once_to_nearest_even(kernel):
+    """Each output is its float32 sum rounded to bfloat16 once: exactly torch's rounding of that sum."""
+    dtype = kernel_dtype(kernel, "bfloat16")
+    x = torch.tensor([[1.0, 2.0**-8, 2.0**-9]]).to(dtype).repeat(20, 1)  # 20 rows: the outer form
+    weight = torch.tensor([[1.0, 1.0, 0.0], [1.0, 1.0, 1.0], [1.0, 0.0, 1.0]]).to(dtype)
+    for rows in (1, 20):
+        out = torch.empty(rows, 3, dtype=dtype)
+        kernel_lib.rows_linear(kernel, x[:rows], weight, out)
+        assert torch.equal(out, reference(x[:rows], weight, dtype).expand(rows, 3))
+
+
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
 @pytest.mark.parametrize("row_start, row_end", [(0, 70), (0, 23), (23, 70), (5, 6), (30, 30)])
-def test_grouped_linear_runs_each_expert_in_the_range(kernel, row_start, row_end):
+def test_grouped_linear_runs_each_expert_in_the_range(kernel, dtype, row_start, row_end):
     """Experts of 0 (idle), 3, 20, 1 and 46 rows; a range that cuts experts; max_rows leaves the 46 alone."""
+    dtype = kernel_dtype(kernel, dtype)
     counts = [0, 3, 20, 1, 46]
     offsets = torch.tensor([0] + counts).cumsum(0)
-    x = torch.randn(70, 40)
-    weights = torch.randn(5, 24, 40)
-    out = torch.full((70, 24), float("nan"))
+    x = torch.randn(70, 40).to(dtype)
+    weights = torch.randn(5, 24, 40).to(dtype)
+    out = torch.full((70, 24), float("nan"), dtype=dtype)
+    assert kernel_lib.grouped_usable(kernel, x, weights, out)
     kernel_lib.grouped_linear(kernel, x, weights, offsets, row_start, row_end, 45, out)
     for expert in range(5):
         lo, hi = max(offsets[expert].item(), row_start), min(offsets[expert + 1].item(), row_end)
@@ -76,7 +110,7 @@ def test_grouped_linear_runs_each_expert_in_the_range(kernel, row_start, row_end
         if hi - lo > 45:  # left to the caller
             assert out[lo:hi].isnan().all()
         else:
-            torch.testing.assert_close(out[lo:hi], x[lo:hi] @ weights[expert].t(), rtol=1e-5, atol=1e-4)
+            torch.testing.assert_close(out[lo:hi], reference(x[lo:hi], weights[expert], dtype), **tolerances(dtype))
     outside = torch.ones(70, dtype=torch.bool)
     outside[row_start:row_end] = False
     assert out[outside].isnan().all()  # rows outside the range untouched
