@@ -32,7 +32,9 @@ from concurrent.futures import ThreadPoolExecutor, wait
 
 import torch
 
-from . import cpu_kernel_llada_moe as kernel_lib
+# `from .x import`, not `from . import x`: transformers copies a Hub repo's custom code by that pattern
+from .cpu_kernel_llada_moe import grouped_linear, grouped_usable
+from .cpu_kernel_llada_moe import load as load_kernel
 
 
 CPU_MOE_NAME = "cpu_moe"
@@ -213,8 +215,8 @@ def _project(rows: torch.Tensor, weight: torch.Tensor, out: torch.Tensor, weight
 def _kernel_takes(kernel, rows, gate_up, down, gate_up_out, act_out, out) -> bool:
     return (
         kernel is not None
-        and kernel_lib.grouped_usable(kernel, rows, gate_up, gate_up_out)
-        and kernel_lib.grouped_usable(kernel, act_out, down, out)
+        and grouped_usable(kernel, rows, gate_up, gate_up_out)
+        and grouped_usable(kernel, act_out, down, out)
     )
 
 
@@ -229,13 +231,13 @@ def _run_experts_kernel(kernel, act_fn, gate_up, down, rows, gate_up_out, act_ou
         lo, hi = max(offsets[expert], row_start), min(offsets[expert + 1], row_end)
         if hi - lo > max_rows:
             busy.append((expert, lo, hi))
-    kernel_lib.grouped_linear(kernel, rows, gate_up, offsets_t, row_start, row_end, max_rows, gate_up_out)
+    grouped_linear(kernel, rows, gate_up, offsets_t, row_start, row_end, max_rows, gate_up_out)
     for expert, lo, hi in busy:
         torch.mm(rows[lo:hi], gate_up[expert].t(), out=gate_up_out[lo:hi])
     intermediate = down.shape[-1]
     lane = gate_up_out[row_start:row_end]
     torch.mul(act_fn(lane[:, :intermediate]), lane[:, intermediate:], out=act_out[row_start:row_end])
-    kernel_lib.grouped_linear(kernel, act_out, down, offsets_t, row_start, row_end, max_rows, out)
+    grouped_linear(kernel, act_out, down, offsets_t, row_start, row_end, max_rows, out)
     for expert, lo, hi in busy:
         torch.mm(act_out[lo:hi], down[expert].t(), out=out[lo:hi])
 
@@ -311,7 +313,7 @@ def sorted_lanes_forward(self, hidden_states, top_k_index, top_k_weights, route=
     gate_up_out = rows.new_empty(pairs, gate_up.shape[1])
     act_out = rows.new_empty(pairs, down.shape[-1])
     out = rows.new_empty(pairs, down.shape[1])
-    kernel = kernel_lib.load()
+    kernel = load_kernel()
     args = (self.act_fn, gate_up, down, rows, gate_up_out, act_out, out, offsets, kernel)
 
     work = pairs * down.shape[1] * down.shape[2] * 3  # multiply-adds of both projections
@@ -384,7 +386,7 @@ def cpu_moe_experts_forward(self, hidden_states, top_k_index, top_k_weights):
     if dtype == torch.float32 and small and top_k_index.numel() > PADDED_MAX_PAIRS:  # decided without routing
         return _grouped_mm_forward(self, hidden_states, top_k_index, top_k_weights)
     route = _route(top_k_index, self.num_experts)
-    kernel = kernel_lib.load()
+    kernel = load_kernel()
     strategy = choose_strategy(route[3], self.hidden_dim, self.intermediate_dim, dtype, kernel.dtypes if kernel else ())
     if strategy == "grouped_mm":
         return _grouped_mm_forward(self, hidden_states, top_k_index, top_k_weights)

@@ -12,6 +12,14 @@ FIXTURE_DIR = pathlib.Path(__file__).parent / "fixtures" / "llada-moe-tiny"
 REPO_ROOT = pathlib.Path(__file__).parent.parent
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
+if "LLADA_MOE_KERNEL_CACHE" not in os.environ:  # the CPU experts kernel builds into this run's own folder
+    import atexit
+    import shutil
+    import tempfile
+
+    _kernel_cache = tempfile.mkdtemp(prefix="llada-moe-kernels-")
+    os.environ["LLADA_MOE_KERNEL_CACHE"] = _kernel_cache
+    atexit.register(shutil.rmtree, _kernel_cache, ignore_errors=True)
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 torch.set_num_threads(1)  # tiny models gain nothing from 2 threads; 2 thrash when the 2 cores are busy
 

@@ -59,8 +59,8 @@ def products(request, monkeypatch):
     """The float32 products of sorted_lanes: the built kernel (cpu_kernel_llada_moe.py), or MKL alone (no
     compiler, LLADA_MOE_CPU_KERNEL=0)."""
     if request.param == "mkl":
-        monkeypatch.setattr(cpu_moe.kernel_lib, "load", lambda: None)
-    elif cpu_moe.kernel_lib.load() is None:
+        monkeypatch.setattr(cpu_moe, "load_kernel", lambda: None)
+    elif cpu_moe.load_kernel() is None:
         if os.environ.get("LLADA_MOE_REQUIRE_KERNEL") == "1":
             pytest.fail("the CPU experts kernel did not build (see the warning above)")
         pytest.skip("no C++ compiler here: the CPU experts kernel cannot be built")
@@ -111,7 +111,7 @@ def test_strategies_equal_eager_in_bfloat16(strategy, lanes_on_tiny_shapes):
 def test_sorted_lanes_is_the_eager_loop_bit_for_bit(monkeypatch):
     """Without the kernel: the same BLAS calls per expert, pairs added in the eager loop's order: identical
     float32 bits (one lane)."""
-    monkeypatch.setattr(cpu_moe.kernel_lib, "load", lambda: None)
+    monkeypatch.setattr(cpu_moe, "load_kernel", lambda: None)
     module = experts_module(num_experts=8, hidden=64, intermediate=32)
     hidden = torch.randn(50, 64)
     index, weights = routing(50, 8, 3, "random", seed=3)
@@ -261,9 +261,17 @@ def test_choose_strategy_by_size_dtype_and_padding():
     assert cpu_moe.choose_strategy([24] * 8, 128, 128, f32) == "padded"  # the demo model
     assert cpu_moe.choose_strategy([512] * 8, 128, 128, f32) == "grouped_mm"  # many pairs: padding costs
     assert cpu_moe.choose_strategy([40, 1, 1, 1, 1, 1, 1, 1], 128, 128, f32) == "grouped_mm"  # 6.7x the rows
+    # bfloat16 without its kernel (no compiler, no AVX512_BF16): oneDNN's batched products, or grouped_mm
     assert cpu_moe.choose_strategy(even, 512, 256, bf16) == "padded"
     assert cpu_moe.choose_strategy(skewed, 512, 256, bf16) == "grouped_mm"  # all 64 experts padded to 96: 8x
     assert cpu_moe.choose_strategy([0] * 8, 128, 128, bf16) == "grouped_mm"
+    assert cpu_moe.choose_strategy(even, 512, 256, bf16, (f32,)) == "padded"
+    # with a bfloat16 kernel: the sorted lanes for large experts, however routed; small ones as before
+    both = (f32, bf16)
+    assert cpu_moe.choose_strategy(even, 512, 256, bf16, both) == "sorted_lanes"
+    assert cpu_moe.choose_strategy(skewed, 512, 256, bf16, both) == "sorted_lanes"
+    assert cpu_moe.choose_strategy([24] * 8, 128, 128, bf16, both) == "padded"
+    assert cpu_moe.choose_strategy([24] * 8, 128, 128, f32, both) == "padded"
 
 
 # ----------------------------------------------------------------------------------------------- in the model
@@ -306,7 +314,7 @@ def test_golden_logits_through_sorted_lanes(golden, products, sorted_lanes_on_th
 
 def test_generation_through_the_kernel_gives_the_eager_tokens(golden, golden_meta, sorted_lanes_on_the_fixture):
     """The faster path gives the plain one's tokens: every golden generation case, kernel against eager experts."""
-    if cpu_moe.kernel_lib.load() is None:
+    if cpu_moe.load_kernel() is None:
         pytest.skip("no C++ compiler here: the CPU experts kernel cannot be built")
     for case in golden_meta["generate"]:
         kwargs = dict(case["kwargs"])
