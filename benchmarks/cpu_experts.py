@@ -2,8 +2,10 @@
 (issue 13), and the CPU experts strategies measured one against another.
 
 Forward: the whole model (all layers + lm_head, batch 1), for each shape, dtype, token count and torch thread
-count, the implementations (auto, cpu_moe, grouped_mm, eager) interleaved in a new random order each repetition; the median, and the ratio
-grouped_mm time / implementation time (above 1 is faster than grouped_mm). Shapes: "mid" (4 layers, hidden 512,
+count, the implementations interleaved in a new random order each repetition: auto (the default; with the CPU
+experts kernel, llada_moe_hf/cpu_kernel_llada_moe.py, built at first use), auto without the kernel (a machine
+without a C++ compiler, or LLADA_MOE_CPU_KERNEL=0), grouped_mm and eager; the median, and the ratio grouped_mm time
+/ implementation time (above 1 is faster than grouped_mm). Shapes: "mid" (4 layers, hidden 512,
 64 experts of width 256, top-8, vocab 4096: benchmarks/forward.py's CPU model) and "release" (the release's
 widths, hidden 2048, 16 heads, 64 experts of width 1024, 2 of its 16 layers, vocab 4096). The models have random
 weights (forward.py's recipe), so their routing is their own: in the mid model most layers send most tokens to a
@@ -11,7 +13,7 @@ dozen experts. Each row also records max |logits(cpu_moe) - logits(eager)|.
 
 Candidates (--candidates): one MoE layer of the mid shape alone, routed uniformly at random (as a trained,
 load-balanced router does), timed as each strategy of `llada_moe_hf/cpu_moe_llada_moe.py` and the alternatives
-it was chosen over: sorted_lanes (the default for this size), the same on one lane (all threads inside each
+it was chosen over: sorted_lanes (the default for this size), the same without the kernel, the same on one lane (all threads inside each
 BLAS call, as grouped_mm), padded (one bmm per projection over all experts), grouped_mm, eager, and - where
 torch has the op - the sorted rows with oneDNN weights packed ahead of time (a second copy of every expert's
 weights: measured, not used).
@@ -42,7 +44,29 @@ from llada_moe_hf.modeling_llada_moe import LLaDAMoEExperts
 from provenance import git_state, write_json
 
 
-IMPLEMENTATIONS = ("auto", "cpu_moe", "grouped_mm", "eager")
+# "auto (no kernel)": auto where the kernel is not built (no compiler, LLADA_MOE_CPU_KERNEL=0): MKL and oneDNN.
+NO_KERNEL = "auto (no kernel)"
+IMPLEMENTATIONS = ("auto", NO_KERNEL, "grouped_mm", "eager")
+
+
+class _KernelOff:
+    """Within it, cpu_moe runs as if the kernel did not build."""
+
+    def __enter__(self):
+        self.load = cpu_moe.load_kernel
+        cpu_moe.load_kernel = lambda: None
+
+    def __exit__(self, *exc):
+        cpu_moe.load_kernel = self.load
+
+
+def run_forward(model, ids, impl):
+    if impl == NO_KERNEL:
+        model.set_experts_implementation("auto")
+        with _KernelOff():
+            return model(ids)
+    model.set_experts_implementation(impl)
+    return model(ids)
 
 
 def model_shape(name: str) -> dict:
@@ -61,15 +85,13 @@ def time_forward(model, ids, implementations, reps):
     samples = {impl: [] for impl in implementations}
     with torch.no_grad():
         for impl in implementations:  # warm-up (and the lanes' worker threads start)
-            model.set_experts_implementation(impl)
-            model(ids)
+            run_forward(model, ids, impl)
         for _ in range(reps):
             order = list(implementations)
             random.shuffle(order)
             for impl in order:
-                model.set_experts_implementation(impl)
                 start = time.perf_counter()
-                model(ids)
+                run_forward(model, ids, impl)
                 samples[impl].append(time.perf_counter() - start)
     return {impl: median_ms(t) for impl, t in samples.items()}
 
@@ -109,15 +131,15 @@ def forward_rows(shape_names, dtypes, token_counts, thread_counts, reps):
 
 def print_forward_header():
     print("forward, batch 1: median ms; speedup = grouped_mm time / time")
-    print(f"{'shape':<7} {'dtype':<8} {'tok':>4} {'thr':>3} | {'auto':>7} {'cpu_moe':>7} {'gmm':>7} "
-          f"{'eager':>7} | {'auto x':>6} {'cpu x':>5}")  # fmt: skip
+    print(f"{'shape':<7} {'dtype':<8} {'tok':>4} {'thr':>3} | {'auto':>7} {'no kern':>7} {'gmm':>7} "
+          f"{'eager':>7} | {'auto x':>6} {'no k x':>6}")  # fmt: skip
 
 
 def print_forward_row(row, flush=False):
     ms, speed = row["median_ms"], row["speedup_vs_grouped_mm"]
     print(f"{row['shape']:<7} {row['dtype']:<8} {row['tokens']:>4} {row['threads']:>3} | {ms['auto']:>7.1f} "
-          f"{ms['cpu_moe']:>7.1f} {ms['grouped_mm']:>7.1f} {ms['eager']:>7.1f} | {speed['auto']:>6.2f} "
-          f"{speed['cpu_moe']:>5.2f}", flush=flush)  # fmt: skip
+          f"{ms[NO_KERNEL]:>7.1f} {ms['grouped_mm']:>7.1f} {ms['eager']:>7.1f} | {speed['auto']:>6.2f} "
+          f"{speed[NO_KERNEL]:>6.2f}", flush=flush)  # fmt: skip
 
 
 # ----------------------------------------------------------------------------------------------- candidates
@@ -163,8 +185,13 @@ def candidate_functions(module):
         finally:
             cpu_moe.LANE_MIN_WORK = work
 
+    def no_kernel(self, hidden_states, top_k_index, top_k_weights):
+        with _KernelOff():
+            return cpu_moe.sorted_lanes_forward(self, hidden_states, top_k_index, top_k_weights)
+
     functions = {
         "sorted_lanes": cpu_moe.sorted_lanes_forward,
+        "sorted_lanes, no kernel": no_kernel,
         "sorted, one lane": one_lane,
         "padded": cpu_moe.padded_forward,
         "grouped_mm": cpu_moe.STRATEGIES["grouped_mm"],
@@ -246,6 +273,9 @@ def main(argv=None):
         parser.error("--threads, --tokens and --reps take positive numbers")
 
     random.seed(0)
+    kernel = cpu_moe.load_kernel()
+    if kernel is None:
+        print("the CPU experts kernel did not build here: auto and auto (no kernel) run the same code")
     load_before = os.getloadavg()
     rows = []
     if args.shapes:
@@ -270,6 +300,8 @@ def main(argv=None):
                     "load_average_after": os.getloadavg()},
         "versions": {"python": platform.python_version(), "torch": torch.__version__,
                      "transformers": transformers.__version__},
+        "kernel": {"library": os.path.basename(kernel.path), "dtypes": [str(d).removeprefix("torch.")
+                                                                          for d in kernel.dtypes]} if kernel else None,
         "shapes": {name: model_shape(name) for name in set(args.shapes) | ({"mid"} if args.candidates else set())},
         "batch": 1,
         "reps": args.reps,
