@@ -1,5 +1,6 @@
 # Copyright 2026 The llada-moe-hf authors. Licensed under the Apache License, Version 2.0.
-"""A float32 product kernel for the CPU experts, built on the user's machine at first use.
+"""A product kernel for the CPU experts (float32; bfloat16 where the CPU has AVX512_BF16), built on the user's
+machine at first use.
 
 `rows_linear(x, weight, out)` computes out = x @ weight.T for the few to few dozen rows an expert gets in a forward.
 MKL runs such a product far below the core's speed: before each call it repacks the whole weight (an expert's
@@ -12,7 +13,8 @@ weight is read twice and written once for a dozen rows of work). This kernel rea
   vector, and every multiply-add on a full vector but for the padding.
 
 It is plain C++ with GCC/Clang vector types, so one source runs on AVX-512, AVX2 or NEON as the compiler chooses
-(`-march=native`), no torch headers (a second to build), called through ctypes (which releases the GIL: the
+(`-march=native`; the bfloat16 part uses AVX512_BF16 intrinsics, compiled only where the target has them), no
+torch headers (a second to build), called through ctypes (which releases the GIL: the
 `cpu_moe` lanes run it on several threads at once). The shared library is cached by a hash of the source, the
 compiler and the CPU's flags, and written to a temporary name then moved in, so that processes building at once or
 a build cut off never leave a broken library. Without a compiler, or with LLADA_MOE_CPU_KERNEL=0, `load()` returns
@@ -36,7 +38,8 @@ logger = logging.getLogger(__name__)
 
 ENV_SWITCH = "LLADA_MOE_CPU_KERNEL"
 ENV_CACHE = "LLADA_MOE_KERNEL_CACHE"
-# Rows up to which the dot-product form is used (measured: benchmarks/cpu_experts_kernel.py).
+# Rows up to which the dot-product form is used: at 4 rows it read the weights about 2x faster than the outer
+# form, which would fill 4 of its 16 lanes (measured while building it; benchmarks/cpu_rows_kernel.py times the result).
 DOT_MAX_ROWS = 4
 
 SOURCE = r"""

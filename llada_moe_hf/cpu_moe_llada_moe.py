@@ -9,13 +9,16 @@ and a GEMM of a few rows runs at a fraction of the memory bandwidth. This path, 
 in `benchmarks/cpu_experts.py` (README, "CPU experts"):
 
 1. sorts the (token, expert) pairs by expert once, and chooses a strategy from the dtype and the rows per expert;
-2. float32 experts of a useful size run `sorted_lanes`: the sorted rows split into as many *lanes* as torch has
-   threads, balanced by rows and experts touched, each lane on its own single-threaded worker, so that every core
-   streams its own experts' weights and runs whole GEMMs instead of all cores sharing each small GEMM; per expert
-   gate_up, SiLU(gate) * up and down are BLAS calls into preallocated buffers, with the product's orientation
-   chosen by the number of rows (`weights @ rows.T` for a few rows, `rows @ weights.T` for more);
-3. bfloat16 (and small float32 experts) run `padded`: every expert's rows padded to the busiest expert's count,
-   one batched GEMM per projection over all experts, unless the padding would cost too much (then grouped_mm);
+2. experts of a useful size run `sorted_lanes` (float32, and bfloat16 where the built kernel has it): the sorted
+   rows split into as many *lanes* as torch has threads, balanced by rows and experts touched, each lane on its
+   own single-threaded worker, so that every core streams its own experts' weights and runs whole products
+   instead of all cores sharing each small GEMM. Each projection of a lane is one call of the CPU experts kernel
+   (cpu_kernel_llada_moe.py: it reads each weight once where MKL repacks it per call) over the lane's experts,
+   SiLU(gate) * up one torch call; without the kernel (no compiler), per expert BLAS calls into preallocated
+   buffers, with the product's orientation chosen by the number of rows;
+3. bfloat16 without the kernel (and small float32 experts) run `padded`: every expert's rows padded to the
+   busiest expert's count, one batched GEMM per projection over all experts, unless the padding would cost too
+   much (then grouped_mm);
 4. scales by the routing weights and adds each pair into its token in expert order, as the eager loop does.
 
 It is a forward for inference. When autograd needs the experts' graph (training, LoRA training) it runs
@@ -52,8 +55,8 @@ PADDED_MAX_PAIRS = 512
 # of 10 sizes of a mid-size layer routed evenly (0.95x-1.71x grouped_mm), as long as padding every expert to the
 # busiest one at most triples the rows: a router that sends most tokens to a few experts runs grouped_mm.
 PADDED_MAX_WASTE = 3
-# Rows per expert up to which the built kernel (cpu_kernel_llada_moe.py) runs an expert's float32 products instead
-# of MKL: it reads the weights where they lie instead of repacking them per call.
+# Rows per expert up to which the built kernel (cpu_kernel_llada_moe.py) runs an expert's products instead of
+# torch's (MKL, oneDNN): it reads the weights where they lie instead of repacking them per call.
 # (benchmarks/cpu_rows_kernel.py: float32 1.04x MKL at 128 rows, 0.95x at 256; bfloat16 1.08x oneDNN at 64 rows,
 # 0.97x at 96.)
 KERNEL_MAX_ROWS = {torch.float32: 128, torch.bfloat16: 64}
@@ -245,7 +248,7 @@ def _run_experts_kernel(kernel, act_fn, gate_up, down, rows, gate_up_out, act_ou
 @torch.no_grad()  # grad mode is per thread: a worker must not record the out= products either
 def run_experts(act_fn, gate_up, down, rows, gate_up_out, act_out, out, offsets, kernel, row_start, row_end):
     """gate_up, SiLU(gate) * up and down for the rows row_start..row_end-1 (sorted by expert, expert e's rows at
-    offsets[e]..offsets[e + 1] - 1). `kernel`: the built float32 kernel (cpu_kernel_llada_moe.load()), or None
+    offsets[e]..offsets[e + 1] - 1). `kernel`: the built kernel (cpu_kernel_llada_moe.load()), or None
     for MKL alone: then a block of experts at a time, so that the intermediates stay in the cache."""
     if _kernel_takes(kernel, rows, gate_up, down, gate_up_out, act_out, out):
         return _run_experts_kernel(
