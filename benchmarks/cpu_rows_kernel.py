@@ -15,7 +15,9 @@ import argparse
 import os
 import platform
 import statistics
+import subprocess
 import sys
+import tempfile
 import time
 
 import torch
@@ -71,9 +73,16 @@ def main():
     args = parser.parse_args()
     if any(r < 1 for r in args.rows) or args.experts < 1 or args.reps < 1:
         parser.error("--rows, --experts and --reps must be positive")
-    kernel = kernel_lib.load()
-    if kernel is None:
-        sys.exit("the CPU experts kernel did not build here (see the warning above): nothing to measure")
+    compiler = kernel_lib._compiler()
+    if compiler is None:
+        sys.exit("no C++ compiler here (c++, g++, clang++ or $CXX): the CPU experts kernel cannot be built")
+    with tempfile.TemporaryDirectory() as cache:  # a build from nothing, timed (load() would reuse the cache)
+        os.environ[kernel_lib.ENV_CACHE] = cache
+        start = time.perf_counter()
+        kernel = kernel_lib.build_and_bind(compiler)
+        build_s = time.perf_counter() - start
+    print(f"kernel built in {build_s:.2f} s with {' '.join(compiler)} {' '.join(kernel.flags)} "
+          f"(AVX-512: {kernel.wide_vectors})")  # fmt: skip
 
     torch.set_num_threads(1)
     torch.manual_seed(0)
@@ -99,8 +108,10 @@ def main():
         },
         "versions": {"python": platform.python_version(), "torch": torch.__version__},
         "git": git_state(),
-        "kernel": {"library": os.path.basename(kernel.path), "dtypes": [str(d).removeprefix("torch.")
-                                                                          for d in kernel.dtypes]},
+        "kernel": {"library": os.path.basename(kernel.path), "flags": kernel.flags, "wide_vectors": kernel.wide_vectors,
+                   "dtypes": [str(d).removeprefix("torch.") for d in kernel.dtypes], "build_s": build_s,
+                   "compiler": subprocess.run([*compiler, "--version"], capture_output=True, text=True).stdout
+                   .splitlines()[0]},
         "threads": 1, "experts": args.experts, "shapes": {"gate_up": [512, 512], "down": [512, 256]},
         "reps": args.reps, "statistic": "median wall time; torch and the kernel in turn, caches flushed",
         "results": results,

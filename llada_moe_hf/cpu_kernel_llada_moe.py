@@ -26,10 +26,12 @@ import hashlib
 import logging
 import os
 import platform
+import shlex
 import shutil
 import subprocess
 import tempfile
 import threading
+import time
 
 import torch
 
@@ -99,18 +101,48 @@ static void outer_block(const float* xt, int64_t m, const float* w, int64_t ldw,
       for (int i = 0; i < W && v * W + i < m; ++i) out[(v * W + i) * ldo + n0 + j] = acc[j][v][i];
 }
 
-// A buffer per thread for the transposed rows, grown as needed (the lanes call from several threads).
+// A buffer per thread for the transposed rows, grown as needed (the lanes call from several threads) and freed
+// when its thread ends.
+struct Scratch {
+  float* buffer = nullptr;
+  int64_t size = 0;
+  ~Scratch() { std::free(buffer); }
+};
+
 static float* scratch(int64_t floats) {
-  static thread_local float* buffer = nullptr;
-  static thread_local int64_t size = 0;
-  if (floats > size) {
-    std::free(buffer);
-    size = (floats + 4095) & ~int64_t(4095);
-    buffer = (float*)std::aligned_alloc(64, size * sizeof(float));
-    if (!buffer) size = 0;
+  static thread_local Scratch held;
+  if (floats < 1) floats = 1;
+  if (floats > held.size) {
+    std::free(held.buffer);
+    held.size = (floats + 4095) & ~int64_t(4095);
+    held.buffer = (float*)std::aligned_alloc(64, held.size * sizeof(float));
+    if (!held.buffer) held.size = 0;
   }
-  return buffer;
+  return held.buffer;
 }
+
+// Register tiles (weight rows x vectors of input rows) of the outer form for 1 to 4 vectors of rows. With
+// AVX-512 (32 registers of 16 floats) 16 to 24 accumulators; elsewhere a vector of 16 floats takes 2 (AVX2) or 4
+// (NEON) registers, and 16 or 32 of them hold at most 8 accumulators without spilling to the stack.
+#if defined(__AVX512F__)
+#define LLADA_TILES(span, ...)                                    \
+  switch ((rows + W - 1) / W) {                                   \
+    case 1: span<8, 1>(__VA_ARGS__); break;                       \
+    case 2: span<8, 2>(__VA_ARGS__); break;                       \
+    case 3: span<6, 3>(__VA_ARGS__); break;                       \
+    default: span<6, 4>(__VA_ARGS__); break;                      \
+  }
+extern "C" int llada_wide_vectors() { return 1; }
+#else
+#define LLADA_TILES(span, ...)                                    \
+  switch ((rows + W - 1) / W) {                                   \
+    case 1: span<4, 1>(__VA_ARGS__); break;                       \
+    case 2: span<2, 2>(__VA_ARGS__); break;                       \
+    case 3: span<1, 3>(__VA_ARGS__); break;                       \
+    default: span<1, 4>(__VA_ARGS__); break;                      \
+  }
+extern "C" int llada_wide_vectors() { return 0; }
+#endif
 
 constexpr int64_t CHUNK = 4 * W;  // rows per outer-product pass: 4 vectors of rows
 constexpr int64_t SUPER = 48;     // weight rows per super-block: reused from L1/L2 by every chunk of rows
@@ -127,6 +159,10 @@ static void outer_span(const float* xt, int64_t m, const float* w, int64_t ldw, 
 static int linear_rows(const float* x, int64_t m, int64_t ldx, const float* w, int64_t ldw, int64_t n_rows,
                        int64_t k_len, float* out, int64_t ldo, int64_t dot_max_rows) {
   if (m <= 0) return 0;
+  if (k_len <= 0) {  // an empty sum
+    for (int64_t i = 0; i < m; ++i) std::memset(out + i * ldo, 0, n_rows * sizeof(float));
+    return 0;
+  }
   if (m <= dot_max_rows && m <= 4) {
     switch (m) {
       case 1: dot_rows<1>(x, ldx, w, ldw, n_rows, k_len, out, ldo); return 0;
@@ -152,12 +188,7 @@ static int linear_rows(const float* x, int64_t m, int64_t ldx, const float* w, i
       const int64_t i0 = c * CHUNK, rows = m - i0 < CHUNK ? m - i0 : CHUNK;
       const float* xc = xt + c * k_len * CHUNK;
       float* oc = out + i0 * ldo;
-      switch ((rows + W - 1) / W) {
-        case 1: outer_span<8, 1>(xc, rows, w, ldw, n0, n1, k_len, oc, ldo); break;
-        case 2: outer_span<8, 2>(xc, rows, w, ldw, n0, n1, k_len, oc, ldo); break;
-        case 3: outer_span<6, 3>(xc, rows, w, ldw, n0, n1, k_len, oc, ldo); break;
-        default: outer_span<6, 4>(xc, rows, w, ldw, n0, n1, k_len, oc, ldo); break;
-      }
+      LLADA_TILES(outer_span, xc, rows, w, ldw, n0, n1, k_len, oc, ldo)
     }
   }
   return 0;
@@ -273,6 +304,10 @@ static void outer_span_bf16(const uint32_t* xt, int64_t m, const uint16_t* w, in
 static int linear_rows_bf16(const uint16_t* x, int64_t m, int64_t ldx, const uint16_t* w, int64_t ldw,
                             int64_t n_rows, int64_t k_len, uint16_t* out, int64_t ldo, int64_t dot_max_rows) {
   if (m <= 0) return 0;
+  if (k_len <= 0) {  // an empty sum: +0.0 in bfloat16
+    for (int64_t i = 0; i < m; ++i) std::memset(out + i * ldo, 0, n_rows * sizeof(uint16_t));
+    return 0;
+  }
   if (m <= dot_max_rows && m <= 4) {
     switch (m) {
       case 1: dot_rows_bf16<1>(x, ldx, w, ldw, n_rows, k_len, out, ldo); return 0;
@@ -297,12 +332,7 @@ static int linear_rows_bf16(const uint16_t* x, int64_t m, int64_t ldx, const uin
       const int64_t i0 = c * CHUNK, rows = m - i0 < CHUNK ? m - i0 : CHUNK;
       const uint32_t* xc = xt + c * pairs * CHUNK;
       uint16_t* oc = out + i0 * ldo;
-      switch ((rows + W - 1) / W) {
-        case 1: outer_span_bf16<8, 1>(xc, rows, w, ldw, n0, n1, k_len, oc, ldo); break;
-        case 2: outer_span_bf16<8, 2>(xc, rows, w, ldw, n0, n1, k_len, oc, ldo); break;
-        case 3: outer_span_bf16<6, 3>(xc, rows, w, ldw, n0, n1, k_len, oc, ldo); break;
-        default: outer_span_bf16<6, 4>(xc, rows, w, ldw, n0, n1, k_len, oc, ldo); break;
-      }
+      LLADA_TILES(outer_span_bf16, xc, rows, w, ldw, n0, n1, k_len, oc, ldo)
     }
   }
   return 0;
@@ -349,11 +379,13 @@ def _cpu_signature() -> str:
     return f"{platform.machine()} {platform.processor()} {flags}"
 
 
-def _compiler() -> str | None:
-    """The C++ compiler: $CXX, else the first of c++, g++, clang++ on the PATH."""
-    if os.environ.get("CXX"):
-        return os.environ["CXX"]
-    return next((found for name in ("c++", "g++", "clang++") if (found := shutil.which(name))), None)
+def _compiler() -> list[str] | None:
+    """The C++ compiler's command: $CXX (split as a shell would: "ccache g++"), else the first of c++, g++,
+    clang++ on the PATH."""
+    if os.environ.get("CXX", "").strip():
+        return shlex.split(os.environ["CXX"])
+    found = next((path for name in ("c++", "g++", "clang++") if (path := shutil.which(name))), None)
+    return [found] if found else None
 
 
 def _cache_dir() -> str:
@@ -361,9 +393,40 @@ def _cache_dir() -> str:
     return os.environ.get(ENV_CACHE) or default
 
 
-def _build(compiler: str, library: str) -> None:
-    """Compile SOURCE into `library` through a temporary file in the same folder, moved in only once built: a
-    build cut off (or racing another process) never leaves a partial library under the final name."""
+# Target flags, tried in turn while the compiler rejects the flag itself: -march=native (GCC, Clang on x86),
+# -mcpu=native (Clang on Arm), none (the compiler's default target: slower, but built).
+TARGETS = (["-march=native"], ["-mcpu=native"], [])
+LEFTOVER_AGE_S = 3600  # temporary files of builds killed outright (SIGKILL) are removed after an hour
+
+
+def _rejects_flag(stderr: str, flags: list[str]) -> bool:
+    text = stderr.lower()
+    return bool(flags) and any(flag.split("=")[0].lower() in text for flag in flags) and any(
+        word in text for word in ("unrecognized", "unknown", "unsupported", "not supported", "invalid", "bad value")
+    )
+
+
+def _clean_leftovers(directory: str) -> None:
+    """Remove the temporary files of builds that were killed before they could (older than LEFTOVER_AGE_S: a
+    build running now in another process is left alone)."""
+    try:
+        names = os.listdir(directory)
+    except OSError:
+        return
+    for name in names:
+        path = os.path.join(directory, name)
+        if name.endswith((".cpp", ".so.partial")):
+            try:
+                if time.time() - os.path.getmtime(path) > LEFTOVER_AGE_S:
+                    os.remove(path)
+            except OSError:
+                pass
+
+
+def _build(compiler: list[str], flags: list[str], library: str) -> subprocess.CompletedProcess:
+    """Compile SOURCE into `library` through temporary files in the same folder, the library moved in only once
+    built: a build cut off (or racing another process) never leaves a partial library under the final name.
+    Returns the compiler's run (returncode 0: built)."""
     directory = os.path.dirname(library)
     os.makedirs(directory, exist_ok=True)
     fd, source = tempfile.mkstemp(suffix=".cpp", dir=directory)
@@ -371,22 +434,49 @@ def _build(compiler: str, library: str) -> None:
     try:
         with os.fdopen(fd, "w") as f:
             f.write(SOURCE)
-        base = [compiler, "-O3", "-std=c++17", "-shared", "-fPIC", source, "-o", partial]
-        # -march=native: the host's vector width (the cache key holds the CPU's flags); some compilers lack it.
-        for flags in (["-march=native"], ["-mcpu=native"], []):
-            done = subprocess.run(base[:1] + flags + base[1:], capture_output=True, text=True, timeout=300)
-            if done.returncode == 0:
-                break
-        else:
-            raise RuntimeError(done.stderr.strip()[-800:] or f"{compiler} exited with {done.returncode}")
-        os.replace(partial, library)
+        command = [*compiler, *flags, "-O3", "-std=c++17", "-shared", "-fPIC", source, "-o", partial]
+        done = subprocess.run(command, capture_output=True, text=True, timeout=300)
+        if done.returncode == 0:
+            os.replace(partial, library)
+        return done
     finally:
         for leftover in (source, partial):
             if os.path.exists(leftover):
                 os.remove(leftover)
 
 
-def _bind(library: str) -> "Kernel":
+def _library_path(compiler: list[str], version: str, flags: list[str]) -> str:
+    """The cached library for this source, compiler, target flags and CPU (a home folder shared between machines
+    holds one library each)."""
+    parts = (SOURCE, " ".join(compiler), version, " ".join(flags), _cpu_signature())
+    key = hashlib.sha256("\0".join(parts).encode()).hexdigest()[:16]
+    return os.path.join(_cache_dir(), f"llada_rows_linear-{key}.so")
+
+
+def build_and_bind(compiler: list[str], targets=TARGETS) -> "Kernel":
+    """The kernel for the first target flags the compiler accepts, from the cache or built now. A cached library
+    that does not load (corrupt, truncated) is rebuilt once. Raises RuntimeError with the compiler's message."""
+    version = subprocess.run([*compiler, "--version"], capture_output=True, text=True, timeout=60).stdout
+    _clean_leftovers(_cache_dir())
+    for flags in targets:
+        library = _library_path(compiler, version, flags)
+        if os.path.exists(library):
+            try:
+                return _bind(library, flags)
+            except (OSError, AttributeError) as error:
+                logger.warning("llada-moe-hf: the cached CPU experts kernel %s does not load (%s); rebuilding it",
+                               library, error)  # fmt: skip
+                os.remove(library)
+        done = _build(compiler, flags, library)
+        if done.returncode == 0:
+            return _bind(library, flags)
+        if not _rejects_flag(done.stderr, flags):
+            break  # a real error (not the flag): no point in a slower target
+    message = done.stderr.strip()[-800:] or f"exited with {done.returncode}"
+    raise RuntimeError(f"{' '.join(compiler)} {' '.join(flags)}: {message}")
+
+
+def _bind(library: str, flags: list[str]) -> "Kernel":
     lib = ctypes.CDLL(library)
     i64, ptr = ctypes.c_int64, ctypes.c_void_p
     functions = {}
@@ -398,27 +488,30 @@ def _bind(library: str) -> "Kernel":
         grouped.argtypes = [ptr, i64, ptr, i64, i64, i64, i64, ptr, i64, i64, i64, i64, ptr, i64, i64]
         linear.restype = grouped.restype = ctypes.c_int
         functions[dtype] = (linear, grouped)
-    return Kernel(library, functions)
+    return Kernel(library, functions, flags, bool(lib.llada_wide_vectors()))
 
 
 class Kernel:
     """The built library's entry points per dtype (see SOURCE): one product, and one projection of a block of
-    experts. float32 always; bfloat16 where the CPU has AVX512_BF16."""
+    experts. float32 always; bfloat16 where the CPU has AVX512_BF16. `wide_vectors`: built for AVX-512, where
+    its speed was measured (benchmarks/cpu_rows_kernel.py)."""
 
-    def __init__(self, path: str, functions: dict):
-        self.path, self.functions = path, functions
+    def __init__(self, path: str, functions: dict, flags: list[str], wide_vectors: bool):
+        self.path, self.functions, self.flags, self.wide_vectors = path, functions, flags, wide_vectors
 
     @property
     def dtypes(self) -> tuple:
         return tuple(self.functions)
 
     def __repr__(self):
-        return f"Kernel({self.path!r}, dtypes={[str(d).removeprefix('torch.') for d in self.dtypes]})"
+        dtypes = [str(d).removeprefix("torch.") for d in self.dtypes]
+        return f"Kernel({self.path!r}, dtypes={dtypes}, flags={self.flags}, wide_vectors={self.wide_vectors})"
 
 
 def load() -> Kernel | None:
-    """The kernel, built on first use and cached; None where it cannot run (switched off with
-    LLADA_MOE_CPU_KERNEL=0, no compiler, a failed build: logged once, and the experts use MKL)."""
+    """The kernel, built on first use and cached; None where the experts use torch's products instead: switched
+    off (LLADA_MOE_CPU_KERNEL=0), no compiler or a failed build (a warning, once), or a CPU without AVX-512 where
+    it was not measured (LLADA_MOE_CPU_KERNEL=1 uses it there anyway)."""
     with _lock:
         if "function" not in _state:  # not recorded when interrupted (Ctrl-C): the next call tries again
             _state["function"] = _load()
@@ -426,7 +519,8 @@ def load() -> Kernel | None:
 
 
 def _load() -> Kernel | None:
-    if os.environ.get(ENV_SWITCH, "1").strip().lower() in ("0", "false", "no", "off"):
+    switch = os.environ.get(ENV_SWITCH, "").strip().lower()
+    if switch in ("0", "false", "no", "off"):
         return None
     compiler = _compiler()
     if compiler is None:
@@ -436,17 +530,18 @@ def _load() -> Kernel | None:
             "or set %s=0 to silence this.", ENV_SWITCH)  # fmt: skip
         return None
     try:
-        version = subprocess.run([compiler, "--version"], capture_output=True, text=True, timeout=60).stdout
-        key = hashlib.sha256("\0".join((SOURCE, compiler, version, _cpu_signature())).encode()).hexdigest()[:16]
-        library = os.path.join(_cache_dir(), f"llada_rows_linear-{key}.so")
-        if not os.path.exists(library):
-            _build(compiler, library)
-        return _bind(library)
+        kernel = build_and_bind(compiler)
     except Exception as error:  # any failure: say why once, then run MKL
         logger.warning(
-            "llada-moe-hf: could not build the CPU experts kernel with %s (%s: %s); the experts use MKL's GEMM "
-            "instead. Set %s=0 to silence this.", compiler, type(error).__name__, str(error)[:500], ENV_SWITCH)
+            "llada-moe-hf: could not build the CPU experts kernel (%s: %s); the experts use MKL's GEMM instead. Set "
+            "%s=0 to silence this.", type(error).__name__, str(error)[:800], ENV_SWITCH)  # fmt: skip
         return None
+    if not kernel.wide_vectors and switch not in ("1", "true", "yes", "on"):
+        logger.info(
+            "llada-moe-hf: this CPU has no AVX-512, where the CPU experts kernel was not measured; the experts use "
+            "torch's products. %s=1 uses the kernel anyway.", ENV_SWITCH)  # fmt: skip
+        return None
+    return kernel
 
 
 def reset() -> None:
@@ -499,7 +594,13 @@ def grouped_linear(kernel: Kernel, x, weights, offsets: torch.Tensor, row_start:
     """For each expert e with at most max_rows rows in [row_start, row_end) (rows sorted by expert, expert e's at
     offsets[e]..offsets[e + 1] - 1; offsets an int64 tensor of experts + 1 entries): out[rows] = x[rows] @
     weights[e].T. Busier experts are left alone (see grouped_usable())."""
-    assert offsets.dtype == torch.int64 and offsets.is_contiguous() and len(offsets) == weights.shape[0] + 1
+    if not (offsets.dtype == torch.int64 and offsets.is_contiguous() and offsets.dim() == 1
+            and len(offsets) == weights.shape[0] + 1):  # fmt: skip
+        raise ValueError(f"offsets must be a contiguous int64 tensor of {weights.shape[0] + 1} entries (experts + 1)")
+    rows = min(x.shape[0], out.shape[0])
+    if not 0 <= row_start <= row_end <= rows or int(offsets[0]) < 0 or int(offsets[-1]) > rows:
+        raise ValueError(f"rows {row_start}..{row_end} and offsets {int(offsets[0])}..{int(offsets[-1])} must lie "
+                         f"within the {rows} rows of x and out")  # fmt: skip
     _, grouped = kernel.functions[x.dtype]
     status = grouped(
         x.data_ptr(), x.stride(0), weights.data_ptr(), weights.stride(0), weights.stride(1), weights.shape[1],

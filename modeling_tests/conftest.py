@@ -12,6 +12,9 @@ FIXTURE_DIR = pathlib.Path(__file__).parent / "fixtures" / "llada-moe-tiny"
 REPO_ROOT = pathlib.Path(__file__).parent.parent
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
+# The CPU experts kernel wherever it builds, also on CPUs without AVX-512 where `auto` leaves it off by default:
+# the tests check its numbers there too.
+os.environ.setdefault("LLADA_MOE_CPU_KERNEL", "1")
 if "LLADA_MOE_KERNEL_CACHE" not in os.environ:  # the CPU experts kernel builds into this run's own folder
     import atexit
     import shutil

@@ -3,6 +3,8 @@ against torch's, and its loader (cache, switch, no compiler, a failing build).""
 
 import logging
 import os
+import platform
+import subprocess
 
 import pytest
 import torch
@@ -116,10 +118,51 @@ def test_grouped_linear_runs_each_expert_in_the_range(kernel, dtype, row_start, 
     assert out[outside].isnan().all()  # rows outside the range untouched
 
 
-def test_grouped_linear_checks_its_offsets(kernel):
-    with pytest.raises(AssertionError):
-        kernel_lib.grouped_linear(kernel, torch.randn(4, 8), torch.randn(2, 3, 8), torch.tensor([0, 4]), 0, 4, 9,
-                                  torch.empty(4, 3))  # fmt: skip
+def test_grouped_linear_checks_its_offsets_and_rows(kernel):
+    x, weights, out = torch.randn(4, 8), torch.randn(2, 3, 8), torch.empty(4, 3)
+    with pytest.raises(ValueError, match="3 entries"):
+        kernel_lib.grouped_linear(kernel, x, weights, torch.tensor([0, 4]), 0, 4, 9, out)
+    with pytest.raises(ValueError, match="3 entries"):
+        kernel_lib.grouped_linear(kernel, x, weights, torch.tensor([0, 2, 4], dtype=torch.int32), 0, 4, 9, out)
+    with pytest.raises(ValueError, match="within the 4 rows"):
+        kernel_lib.grouped_linear(kernel, x, weights, torch.tensor([0, 2, 4]), 0, 5, 9, out)
+    with pytest.raises(ValueError, match="within the 4 rows"):
+        kernel_lib.grouped_linear(kernel, x, weights, torch.tensor([0, 2, 6]), 0, 4, 9, out)
+
+
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+def test_an_empty_sum_is_zero(kernel, dtype):
+    dtype = kernel_dtype(kernel, dtype)
+    for rows in (3, 20):  # both forms
+        out = torch.full((rows, 5), float("nan"), dtype=dtype)
+        kernel_lib.rows_linear(kernel, torch.empty(rows, 0, dtype=dtype), torch.empty(5, 0, dtype=dtype), out)
+        assert torch.equal(out, torch.zeros(rows, 5, dtype=dtype))
+
+
+@pytest.mark.skipif(platform.machine() not in ("x86_64", "AMD64"), reason="x86 targets")
+@pytest.mark.parametrize("target", [["-march=x86-64-v3"], []], ids=["avx2", "default"])
+def test_narrow_targets_build_and_give_torchs_numbers(isolated, kernel, target):
+    """The same source for AVX2 and for the compiler's default x86-64 target (SSE2): smaller register tiles,
+    the same products; such a build reports no wide vectors (load() does not use it unless asked)."""
+    narrow = kernel_lib.build_and_bind(kernel_lib._compiler(), targets=(target,))
+    assert not narrow.wide_vectors and narrow.flags == target and torch.bfloat16 not in narrow.dtypes
+    for rows in (1, 4, 5, 17, 33, 49, 70):
+        x, weight = torch.randn(rows, 40), torch.randn(37, 40)
+        out = torch.empty(rows, 37)
+        kernel_lib.rows_linear(narrow, x, weight, out)
+        torch.testing.assert_close(out, x @ weight.t(), rtol=1e-5, atol=1e-4)
+
+
+def test_without_avx512_load_uses_the_kernel_only_when_asked(isolated, kernel, monkeypatch, caplog):
+    build = kernel_lib.build_and_bind
+    monkeypatch.setattr(kernel_lib, "build_and_bind", lambda compiler: build(compiler, targets=([],)))
+    with caplog.at_level(logging.INFO, logger=kernel_lib.__name__):
+        assert kernel_lib.load() is None
+    assert "no AVX-512" in caplog.text and "LLADA_MOE_CPU_KERNEL=1" in caplog.text
+    kernel_lib.reset()
+    monkeypatch.setenv(kernel_lib.ENV_SWITCH, "1")
+    forced = kernel_lib.load()
+    assert forced is not None and not forced.wide_vectors
 
 
 def test_load_builds_once_then_reuses_the_cache(isolated, kernel):
@@ -146,6 +189,50 @@ def test_no_compiler_says_how_to_get_the_kernel(isolated, monkeypatch, caplog):
         assert kernel_lib.load() is None  # said once
     assert len(caplog.records) == 1
     assert "no C++ compiler found" in caplog.text and "LLADA_MOE_CPU_KERNEL=0" in caplog.text
+
+
+def test_a_corrupt_cached_library_is_rebuilt(isolated, kernel, caplog):
+    """(Written before anything loads it: rewriting a loaded library in place would crash its process, which is
+    why builds move a new file in.)"""
+    compiler = kernel_lib._compiler()
+    version = subprocess.run([*compiler, "--version"], capture_output=True, text=True).stdout
+    path = kernel_lib._library_path(compiler, version, kernel_lib.TARGETS[0])
+    os.makedirs(os.path.dirname(path))
+    with open(path, "wb") as f:
+        f.write(b"not a library")
+    with caplog.at_level(logging.WARNING, logger=kernel_lib.__name__):
+        again = kernel_lib.load()
+    assert again is not None and again.path == path and "rebuilding it" in caplog.text
+    x, weight, out = torch.randn(6, 8), torch.randn(3, 8), torch.empty(6, 3)
+    kernel_lib.rows_linear(again, x, weight, out)
+    torch.testing.assert_close(out, x @ weight.t())
+
+
+def test_a_rejected_target_flag_falls_back_to_the_next(isolated, kernel, tmp_path, monkeypatch):
+    """A compiler that does not know -march=native (Clang on Arm) gets -mcpu=native, then no target flag; a CXX
+    of several words (a wrapper) is split."""
+    real = kernel_lib._compiler()[0]
+    fake = tmp_path / "picky-c++"
+    fake.write_text(
+        '#!/bin/sh\nfor a; do case "$a" in -march=*|-mcpu=*) '
+        'echo "error: unrecognized command-line option $a" >&2; exit 1;; esac; done\nexec "$@"\n'
+    )
+    fake.chmod(0o755)
+    monkeypatch.setenv("CXX", f"{fake} {real}")
+    monkeypatch.setenv(kernel_lib.ENV_SWITCH, "1")
+    built = kernel_lib.load()
+    assert built is not None and built.flags == []
+    assert sorted(os.listdir(isolated)) == [os.path.basename(built.path)]
+
+
+def test_old_leftovers_of_killed_builds_are_removed(isolated, kernel):
+    os.makedirs(isolated, exist_ok=True)
+    old, new = isolated / "tmpold.cpp", isolated / "tmpnew.so.partial"
+    old.write_text("x")
+    new.write_text("x")
+    os.utime(old, (1, 1))
+    kernel_lib.load()
+    assert not old.exists() and new.exists()  # a recent one may be another process's build in progress
 
 
 def test_a_failing_build_falls_back_and_leaves_nothing(isolated, tmp_path, monkeypatch, caplog):

@@ -94,6 +94,28 @@ def test_strategies_equal_eager_on_odd_shapes(strategy, case, num_tokens, lanes_
     torch.testing.assert_close(got, want, rtol=0, atol=1e-5)
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("case", ["random", "one_expert"])
+def test_experts_over_the_kernels_rows_run_torchs_product(dtype, case, lanes_on_tiny_shapes, monkeypatch):
+    """Experts with more rows than KERNEL_MAX_ROWS (here 5) are left by the kernel to torch's product, the
+    others run the kernel, in one forward: every output row is written, and equals eager's."""
+    kernel = cpu_moe.load_kernel()
+    if kernel is None or dtype not in kernel.dtypes:
+        if os.environ.get("LLADA_MOE_REQUIRE_KERNEL") == "1" and dtype == torch.float32:
+            pytest.fail("the CPU experts kernel did not build")
+        pytest.skip(f"no {dtype} kernel here")
+    monkeypatch.setitem(cpu_moe.KERNEL_MAX_ROWS, dtype, 5)
+    module = experts_module(dtype=dtype)
+    hidden = torch.randn(13, 96, dtype=dtype)
+    index, weights = routing(13, 5, 3, case)  # random: 2 to 13 rows an expert; one_expert: 39 rows
+    weights = weights.to(dtype)
+    with torch.no_grad():
+        want = EAGER(module, hidden, index, weights).float()
+    got = run_strategy("sorted_lanes", module, hidden, index, weights).float()
+    atol = 1e-5 if dtype == torch.float32 else 2e-2 * want.abs().max().item()
+    torch.testing.assert_close(got, want, rtol=0, atol=atol)
+
+
 @pytest.mark.parametrize("strategy", STRATEGY_NAMES)
 def test_strategies_equal_eager_in_bfloat16(strategy, lanes_on_tiny_shapes):
     module = experts_module(dtype=torch.bfloat16)
