@@ -3,6 +3,7 @@ generation_config, report what happened, handle /help and Ctrl-C, share their lo
 and say what is wrong with a bad MODEL / tokenizer argument without a minute of network retries."""
 
 import argparse
+import fcntl
 import io
 import json
 import os
@@ -10,8 +11,10 @@ import pty
 import re
 import select
 import shutil
+import signal
 import subprocess
 import sys
+import termios
 import time
 
 import pytest
@@ -165,9 +168,17 @@ def test_chat_prompt_on_stdout_and_ctrl_c_at_the_prompt_ends_it():
     with exit code 130 and one line, no traceback."""
     master, slave = pty.openpty()
     env = dict(os.environ, OMP_NUM_THREADS="1", HF_HUB_OFFLINE="1", TERM="xterm")
+    def as_a_terminal_session():
+        """The pty as the child's controlling terminal, and SIGINT as a shell gives a foreground program: a test
+        run started in the background (`cmd &`, nohup) ignores SIGINT, children inherit that, and Python then
+        installs no KeyboardInterrupt handler (Unix's convention: a program started with SIGINT ignored keeps
+        ignoring it)."""
+        signal.signal(signal.SIGINT, signal.SIG_DFL)
+        fcntl.ioctl(0, termios.TIOCSCTTY, 0)
+
     proc = subprocess.Popen([sys.executable, "-m", "llada_moe_hf.cli", "chat", str(TINY_ASSET_DIR)], stdin=slave,
                             stdout=slave, stderr=subprocess.PIPE, env=env, start_new_session=True,
-                            preexec_fn=lambda: __import__("fcntl").ioctl(0, __import__("termios").TIOCSCTTY, 0))
+                            preexec_fn=as_a_terminal_session)
     os.close(slave)
     seen = b""
     try:
