@@ -243,6 +243,20 @@ def test_llama_cpp_forward_table_and_figures():
     in_readme(f"From 32 tokens it is {min(one_thread):.2f}x to {max(one_thread):.2f}x.")
 
 
+def test_cpu_lanes_idle_table_and_figures():
+    data = result("cpu_lanes_idle.json")
+    assert data["git"]["commit"] and not data["git"]["dirty"] and data["threads"] == 2
+    rows = [
+        [r["dtype"], str(r["tokens"]), r["implementation"], f"{r['median_ms']['0.0']:.1f}",
+         f"{r['median_ms'][str(data['pause_ms'])]:.1f}", f"{r['pause_over_no_pause']:.2f}x"]
+        for r in data["rows"]
+    ]  # fmt: skip
+    assert_table("(`benchmarks/results/cpu_lanes_idle.json`):", rows)
+    lanes_96 = [r["pause_over_no_pause"] for r in data["rows"] if r["tokens"] == 96 and r["implementation"] != "grouped_mm"]
+    in_readme(f"they take {min(lanes_96):.1f}x to {max(lanes_96):.1f}x as long at 96 tokens")
+    assert all(abs(r["pause_over_no_pause"] - 1) < 0.1 for r in data["rows"] if r["implementation"] == "grouped_mm")
+
+
 def test_llama_cpp_benchmark_refuses_bad_input_and_missing_bindings(tmp_path):
     script = str(REPO_ROOT / "benchmarks" / "llama_cpp_forward.py")
     bad = run_script([script, "--tokens", "0"], tmp_path, timeout=120)
