@@ -43,9 +43,9 @@ from provenance import git_state, write_json
 
 IMPLEMENTATIONS = ("llama.cpp", "auto", "grouped_mm")
 # A pause before each timed call: OpenMP threads spin for a while after a parallel region, and the next
-# implementation would share its cores with them.
+# implementation would share its cores with them. A longer one after llama.cpp's repetitions (see time_row).
 SETTLE_S = 0.02
-PHASE_PAUSE_S = float(os.environ.get("PHASE_PAUSE_S", "2"))
+PHASE_PAUSE_S = 2.0
 
 
 def _bindings(llama=True):

@@ -241,6 +241,16 @@ def test_llama_cpp_forward_table_and_figures():
                       f"llama.cpp {row['speedup_vs_grouped_mm']['llama.cpp']:.2f}x grouped_mm")  # fmt: skip
     one_thread = [r["llama_cpp_over_auto"] for r in data["rows"] if r["threads"] == 1 and r["tokens"] >= 32]
     in_readme(f"From 32 tokens it is {min(one_thread):.2f}x to {max(one_thread):.2f}x.")
+    ratios = {(r["shape"], r["tokens"], r["threads"], r["dtype"]): r["llama_cpp_over_auto"] for r in data["rows"]}
+    one = [x for (_, _, threads, _), x in ratios.items() if threads == 1]
+    at_least = [x for x in one if round(x, 2) >= 1.0]
+    in_readme(f"as fast as llama.cpp or faster in {len(at_least)} of {len(one)} rows** ({min(at_least):.2f}x to "
+              f"{max(at_least):.2f}x; {min(one):.2f}x at the")
+    few = [x for (shape, tokens, threads, _), x in ratios.items()
+           if threads == 2 and (shape == "mid" and tokens <= 32 or shape == "release" and tokens == 16)]
+    in_readme(f"ours is {min(few):.2f}x to {max(few):.2f}x there")
+    wide = [x for (shape, tokens, threads, _), x in ratios.items() if threads == 2 and shape == "release" and tokens >= 32]
+    in_readme(f"from 32 tokens ours is {min(wide):.2f}x to {max(wide):.2f}x llama.cpp on two threads")
 
 
 def test_cpu_lanes_idle_table_and_figures():
