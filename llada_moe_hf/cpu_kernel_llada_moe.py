@@ -45,6 +45,7 @@ ENV_CACHE = "LLADA_MOE_KERNEL_CACHE"
 DOT_MAX_ROWS = 4
 
 SOURCE = r"""
+#include <atomic>
 #include <cstdint>
 #include <cstdlib>
 #include <cstring>
@@ -203,19 +204,91 @@ extern "C" int llada_rows_linear(const float* x, int64_t m, int64_t ldx, const f
 // offsets[e]..offsets[e + 1] - 1; for each expert, its rows within [row_start, row_end), if at most max_rows of
 // them (the caller runs busier experts), out[rows] = x[rows] @ w[e].T. One call a lane and projection: no
 // Python between the experts.
+template <typename T>
+struct Grouped {
+  const T* x; int64_t ldx; const T* w; int64_t w_expert_stride, ldw, n_rows, k_len; const int64_t* offsets;
+  int64_t n_experts, max_rows; T* out; int64_t ldo, dot_max_rows;
+};
+
+template <typename T, int (*LINEAR)(const T*, int64_t, int64_t, const T*, int64_t, int64_t, int64_t, T*, int64_t,
+                                    int64_t)>
+static int grouped_range(const void* args, int64_t row_start, int64_t row_end) {
+  const Grouped<T>& g = *(const Grouped<T>*)args;
+  for (int64_t e = 0; e < g.n_experts; ++e) {
+    const int64_t lo = g.offsets[e] > row_start ? g.offsets[e] : row_start;
+    const int64_t hi = g.offsets[e + 1] < row_end ? g.offsets[e + 1] : row_end;
+    if (hi <= lo || hi - lo > g.max_rows) continue;
+    const int status = LINEAR(g.x + lo * g.ldx, hi - lo, g.ldx, g.w + e * g.w_expert_stride, g.ldw, g.n_rows,
+                              g.k_len, g.out + lo * g.ldo, g.ldo, g.dot_max_rows);
+    if (status) return status;
+  }
+  return 0;
+}
+
+// The lanes of a projection (lane i: rows bounds[i]..bounds[i + 1] - 1) on the process's OpenMP team, the one
+// torch's own parallel regions use: its threads are still spinning from torch's last region, so a lane starts at
+// once (a Python worker woken through a futex on an idle core took milliseconds on a VM). The runtime's entry
+// points come from the caller (llada_set_openmp): the kernel links no OpenMP of its own, which would start a
+// second team of threads beside torch's. Without them the lanes run one after another. A team of
+// min(lanes, threads) threads; lane i runs on thread i modulo the team, recorded in lane_thread (if not null).
+typedef void (*parallel_fn)(void (*)(void*), void*, unsigned, unsigned);  // GOMP_parallel (GNU and LLVM)
+typedef int (*int_fn)(void);
+static parallel_fn omp_parallel = nullptr;
+static int_fn omp_thread = nullptr, omp_threads = nullptr;
+
+extern "C" void llada_set_openmp(void* parallel, void* thread_num, void* num_threads) {
+  omp_parallel = (parallel_fn)parallel;
+  omp_thread = (int_fn)thread_num;
+  omp_threads = (int_fn)num_threads;
+}
+
+struct Lanes {
+  int (*lane)(const void*, int64_t, int64_t);
+  const void* args;
+  const int64_t* bounds;
+  int64_t lanes;
+  int64_t* lane_thread;
+  std::atomic<int> status;
+};
+
+static void run_lanes_on(Lanes* job, int64_t thread, int64_t threads) {
+  for (int64_t lane = thread; lane < job->lanes; lane += threads) {
+    if (job->lane_thread) job->lane_thread[lane] = thread;
+    const int status = job->lane(job->args, job->bounds[lane], job->bounds[lane + 1]);
+    if (status) job->status.store(status);
+  }
+}
+
+static void lanes_region(void* job) { run_lanes_on((Lanes*)job, omp_thread(), omp_threads()); }
+
+static int run_lanes(int (*lane)(const void*, int64_t, int64_t), const void* args, const int64_t* bounds,
+                     int64_t lanes, int64_t threads, int64_t* lane_thread) {
+  Lanes job{lane, args, bounds, lanes, lane_thread, {0}};
+  if (threads > lanes) threads = lanes;
+  if (threads > 1 && omp_parallel)
+    omp_parallel(lanes_region, &job, (unsigned)threads, 0);
+  else
+    run_lanes_on(&job, 0, 1);
+  return job.status.load();
+}
+
 extern "C" int llada_grouped_linear(const float* x, int64_t ldx, const float* w, int64_t w_expert_stride,
                                     int64_t ldw, int64_t n_rows, int64_t k_len, const int64_t* offsets,
                                     int64_t n_experts, int64_t row_start, int64_t row_end, int64_t max_rows,
                                     float* out, int64_t ldo, int64_t dot_max_rows) {
-  for (int64_t e = 0; e < n_experts; ++e) {
-    const int64_t lo = offsets[e] > row_start ? offsets[e] : row_start;
-    const int64_t hi = offsets[e + 1] < row_end ? offsets[e + 1] : row_end;
-    if (hi <= lo || hi - lo > max_rows) continue;
-    const int status = linear_rows(x + lo * ldx, hi - lo, ldx, w + e * w_expert_stride, ldw, n_rows, k_len,
-                                   out + lo * ldo, ldo, dot_max_rows);
-    if (status) return status;
-  }
-  return 0;
+  const Grouped<float> g{x, ldx, w, w_expert_stride, ldw, n_rows, k_len, offsets, n_experts, max_rows, out, ldo,
+                         dot_max_rows};
+  return grouped_range<float, linear_rows>(&g, row_start, row_end);
+}
+
+extern "C" int llada_grouped_linear_lanes(const float* x, int64_t ldx, const float* w, int64_t w_expert_stride,
+                                          int64_t ldw, int64_t n_rows, int64_t k_len, const int64_t* offsets,
+                                          int64_t n_experts, const int64_t* bounds, int64_t lanes, int64_t threads,
+                                          int64_t max_rows, float* out, int64_t ldo, int64_t dot_max_rows,
+                                          int64_t* lane_thread) {
+  const Grouped<float> g{x, ldx, w, w_expert_stride, ldw, n_rows, k_len, offsets, n_experts, max_rows, out, ldo,
+                         dot_max_rows};
+  return run_lanes(grouped_range<float, linear_rows>, &g, bounds, lanes, threads, lane_thread);
 }
 
 // ---------------------------------------------------------------------------------------------------- bfloat16
@@ -349,15 +422,19 @@ extern "C" int llada_grouped_linear_bf16(const uint16_t* x, int64_t ldx, const u
                                          const int64_t* offsets, int64_t n_experts, int64_t row_start,
                                          int64_t row_end, int64_t max_rows, uint16_t* out, int64_t ldo,
                                          int64_t dot_max_rows) {
-  for (int64_t e = 0; e < n_experts; ++e) {
-    const int64_t lo = offsets[e] > row_start ? offsets[e] : row_start;
-    const int64_t hi = offsets[e + 1] < row_end ? offsets[e + 1] : row_end;
-    if (hi <= lo || hi - lo > max_rows) continue;
-    const int status = linear_rows_bf16(x + lo * ldx, hi - lo, ldx, w + e * w_expert_stride, ldw, n_rows, k_len,
-                                        out + lo * ldo, ldo, dot_max_rows);
-    if (status) return status;
-  }
-  return 0;
+  const Grouped<uint16_t> g{x, ldx, w, w_expert_stride, ldw, n_rows, k_len, offsets, n_experts, max_rows, out,
+                            ldo, dot_max_rows};
+  return grouped_range<uint16_t, linear_rows_bf16>(&g, row_start, row_end);
+}
+
+extern "C" int llada_grouped_linear_lanes_bf16(const uint16_t* x, int64_t ldx, const uint16_t* w,
+                                               int64_t w_expert_stride, int64_t ldw, int64_t n_rows, int64_t k_len,
+                                               const int64_t* offsets, int64_t n_experts, const int64_t* bounds,
+                                               int64_t lanes, int64_t threads, int64_t max_rows, uint16_t* out,
+                                               int64_t ldo, int64_t dot_max_rows, int64_t* lane_thread) {
+  const Grouped<uint16_t> g{x, ldx, w, w_expert_stride, ldw, n_rows, k_len, offsets, n_experts, max_rows, out,
+                            ldo, dot_max_rows};
+  return run_lanes(grouped_range<uint16_t, linear_rows_bf16>, &g, bounds, lanes, threads, lane_thread);
 }
 #else
 extern "C" int llada_has_bf16() { return 0; }
@@ -476,6 +553,26 @@ def build_and_bind(compiler: list[str], targets=TARGETS) -> "Kernel":
     raise RuntimeError(f"{' '.join(compiler)} {' '.join(flags)}: {message}")
 
 
+def find_openmp() -> ctypes.CDLL | None:
+    """The OpenMP runtime torch runs its parallel regions on (GNU libgomp in Linux wheels; LLVM's libomp also has
+    the GNU entry points), found among the libraries this process has loaded; None where there is none to find
+    (not Linux, or torch built without OpenMP)."""
+    try:
+        with open("/proc/self/maps") as maps:
+            paths = {line.split()[-1] for line in maps if any(n in line for n in ("libgomp", "libomp", "libiomp"))}
+    except OSError:
+        return None
+    torch_dir = os.path.dirname(torch.__file__)
+    for path in sorted(paths, key=lambda p: (not p.startswith(torch_dir), p)):  # torch's own first
+        try:
+            library = ctypes.CDLL(path)
+            library.GOMP_parallel, library.omp_get_thread_num, library.omp_get_num_threads
+        except (OSError, AttributeError):
+            continue
+        return library
+    return None
+
+
 def _bind(library: str, flags: list[str]) -> "Kernel":
     lib = ctypes.CDLL(library)
     i64, ptr = ctypes.c_int64, ctypes.c_void_p
@@ -484,20 +581,30 @@ def _bind(library: str, flags: list[str]) -> "Kernel":
         if dtype == torch.bfloat16 and not lib.llada_has_bf16():
             continue
         linear, grouped = getattr(lib, "llada_rows_linear" + suffix), getattr(lib, "llada_grouped_linear" + suffix)
+        lanes = getattr(lib, "llada_grouped_linear_lanes" + suffix)
         linear.argtypes = [ptr, i64, i64, ptr, i64, i64, i64, ptr, i64, i64]
         grouped.argtypes = [ptr, i64, ptr, i64, i64, i64, i64, ptr, i64, i64, i64, i64, ptr, i64, i64]
-        linear.restype = grouped.restype = ctypes.c_int
-        functions[dtype] = (linear, grouped)
-    return Kernel(library, functions, flags, bool(lib.llada_wide_vectors()))
+        lanes.argtypes = [ptr, i64, ptr, i64, i64, i64, i64, ptr, i64, ptr, i64, i64, i64, ptr, i64, i64, ptr]
+        linear.restype = grouped.restype = lanes.restype = ctypes.c_int
+        functions[dtype] = (linear, grouped, lanes)
+    openmp = find_openmp()
+    if openmp is not None:
+        address = lambda f: ctypes.cast(f, ctypes.c_void_p).value  # noqa: E731
+        lib.llada_set_openmp.argtypes = [ptr, ptr, ptr]
+        lib.llada_set_openmp(address(openmp.GOMP_parallel), address(openmp.omp_get_thread_num),
+                             address(openmp.omp_get_num_threads))  # fmt: skip
+    return Kernel(library, functions, flags, bool(lib.llada_wide_vectors()), openmp is not None)
 
 
 class Kernel:
-    """The built library's entry points per dtype (see SOURCE): one product, and one projection of a block of
-    experts. float32 always; bfloat16 where the CPU has AVX512_BF16. `wide_vectors`: built for AVX-512, where
-    its speed was measured (benchmarks/cpu_rows_kernel.py)."""
+    """The built library's entry points per dtype (see SOURCE): one product, one projection of a block of experts,
+    and that projection split into lanes. float32 always; bfloat16 where the CPU has AVX512_BF16. `wide_vectors`:
+    built for AVX-512, where its speed was measured (benchmarks/cpu_rows_kernel.py). `parallel`: the lanes run on
+    torch's OpenMP team (else one after another)."""
 
-    def __init__(self, path: str, functions: dict, flags: list[str], wide_vectors: bool):
+    def __init__(self, path: str, functions: dict, flags: list[str], wide_vectors: bool, parallel: bool = False):
         self.path, self.functions, self.flags, self.wide_vectors = path, functions, flags, wide_vectors
+        self.parallel = parallel
 
     @property
     def dtypes(self) -> tuple:
@@ -505,7 +612,8 @@ class Kernel:
 
     def __repr__(self):
         dtypes = [str(d).removeprefix("torch.") for d in self.dtypes]
-        return f"Kernel({self.path!r}, dtypes={dtypes}, flags={self.flags}, wide_vectors={self.wide_vectors})"
+        return (f"Kernel({self.path!r}, dtypes={dtypes}, flags={self.flags}, wide_vectors={self.wide_vectors}, "
+                f"parallel={self.parallel})")  # fmt: skip
 
 
 def load() -> Kernel | None:
@@ -569,7 +677,7 @@ def _check(status: int, rows: int, width: int) -> None:
 
 def rows_linear(kernel: Kernel, x: torch.Tensor, weight: torch.Tensor, out: torch.Tensor) -> None:
     """out = x @ weight.T (see usable())."""
-    linear, _ = kernel.functions[x.dtype]
+    linear = kernel.functions[x.dtype][0]
     status = linear(
         x.data_ptr(), x.shape[0], x.stride(0), weight.data_ptr(), weight.stride(0), weight.shape[0], weight.shape[1],
         out.data_ptr(), out.stride(0), DOT_MAX_ROWS,
@@ -589,11 +697,7 @@ def grouped_usable(kernel: Kernel, x: torch.Tensor, weights: torch.Tensor, out: 
     )  # fmt: skip
 
 
-def grouped_linear(kernel: Kernel, x, weights, offsets: torch.Tensor, row_start: int, row_end: int, max_rows: int,
-                   out) -> None:  # fmt: skip
-    """For each expert e with at most max_rows rows in [row_start, row_end) (rows sorted by expert, expert e's at
-    offsets[e]..offsets[e + 1] - 1; offsets an int64 tensor of experts + 1 entries): out[rows] = x[rows] @
-    weights[e].T. Busier experts are left alone (see grouped_usable())."""
+def _check_offsets(x, weights, offsets, out, row_start, row_end) -> None:
     if not (offsets.dtype == torch.int64 and offsets.is_contiguous() and offsets.dim() == 1
             and len(offsets) == weights.shape[0] + 1):  # fmt: skip
         raise ValueError(f"offsets must be a contiguous int64 tensor of {weights.shape[0] + 1} entries (experts + 1)")
@@ -601,10 +705,43 @@ def grouped_linear(kernel: Kernel, x, weights, offsets: torch.Tensor, row_start:
     if not 0 <= row_start <= row_end <= rows or int(offsets[0]) < 0 or int(offsets[-1]) > rows:
         raise ValueError(f"rows {row_start}..{row_end} and offsets {int(offsets[0])}..{int(offsets[-1])} must lie "
                          f"within the {rows} rows of x and out")  # fmt: skip
-    _, grouped = kernel.functions[x.dtype]
+
+
+def grouped_linear(kernel: Kernel, x, weights, offsets: torch.Tensor, row_start: int, row_end: int, max_rows: int,
+                   out) -> None:  # fmt: skip
+    """For each expert e with at most max_rows rows in [row_start, row_end) (rows sorted by expert, expert e's at
+    offsets[e]..offsets[e + 1] - 1; offsets an int64 tensor of experts + 1 entries): out[rows] = x[rows] @
+    weights[e].T. Busier experts are left alone (see grouped_usable())."""
+    _check_offsets(x, weights, offsets, out, row_start, row_end)
+    grouped = kernel.functions[x.dtype][1]
     status = grouped(
         x.data_ptr(), x.stride(0), weights.data_ptr(), weights.stride(0), weights.stride(1), weights.shape[1],
         weights.shape[2], offsets.data_ptr(), weights.shape[0], row_start, row_end, max_rows, out.data_ptr(),
         out.stride(0), DOT_MAX_ROWS,
     )  # fmt: skip
     _check(status, row_end - row_start, x.shape[1])
+
+
+def grouped_linear_lanes(kernel: Kernel, x, weights, offsets: torch.Tensor, bounds: list[int], max_rows: int, out,
+                         lane_thread: torch.Tensor | None = None) -> None:  # fmt: skip
+    """grouped_linear over the lanes bounds[i]..bounds[i + 1] - 1 at once, on a team of min(lanes, torch's
+    threads) of torch's OpenMP threads, lane i on thread i modulo the team (kernel.parallel; else one after
+    another). A lane's experts are cut at its bounds: an expert split
+    between lanes counts its rows in each lane against max_rows. `lane_thread` (int64, one entry a lane), if
+    given, receives the OpenMP thread that ran each lane."""
+    if len(bounds) < 2 or any(b > a for a, b in zip(bounds[1:], bounds)):
+        raise ValueError(f"bounds must be at least 2 nondecreasing row numbers, got {bounds}")
+    _check_offsets(x, weights, offsets, out, bounds[0], bounds[-1])
+    lanes = len(bounds) - 1
+    if lane_thread is not None and not (
+        lane_thread.dtype == torch.int64 and lane_thread.is_contiguous() and lane_thread.numel() == lanes
+    ):
+        raise ValueError(f"lane_thread must be a contiguous int64 tensor of {lanes} entries (one a lane)")
+    bounds_t = torch.tensor(bounds, dtype=torch.int64)
+    run = kernel.functions[x.dtype][2]
+    status = run(
+        x.data_ptr(), x.stride(0), weights.data_ptr(), weights.stride(0), weights.stride(1), weights.shape[1],
+        weights.shape[2], offsets.data_ptr(), weights.shape[0], bounds_t.data_ptr(), lanes, torch.get_num_threads(),
+        max_rows, out.data_ptr(), out.stride(0), DOT_MAX_ROWS, None if lane_thread is None else lane_thread.data_ptr(),
+    )  # fmt: skip
+    _check(status, bounds[-1] - bounds[0], x.shape[1])

@@ -10,12 +10,12 @@ in `benchmarks/cpu_experts.py` (README, "CPU experts"):
 
 1. sorts the (token, expert) pairs by expert once, and chooses a strategy from the dtype and the rows per expert;
 2. experts of a useful size run `sorted_lanes` (float32, and bfloat16 where the built kernel has it): the sorted
-   rows split into as many *lanes* as torch has threads, balanced by rows and experts touched, each lane on its
-   own single-threaded worker, so that every core streams its own experts' weights and runs whole products
-   instead of all cores sharing each small GEMM. Each projection of a lane is one call of the CPU experts kernel
-   (cpu_kernel_llada_moe.py: it reads each weight once where MKL repacks it per call) over the lane's experts,
-   SiLU(gate) * up one torch call; without the kernel (no compiler), per expert BLAS calls into preallocated
-   buffers, with the product's orientation chosen by the number of rows;
+   rows split into as many *lanes* as torch has threads, balanced by rows and experts touched, so that every
+   core streams its own experts' weights and runs whole products instead of all cores sharing each small GEMM.
+   Each projection is one call of the CPU experts kernel (cpu_kernel_llada_moe.py: it reads each weight once
+   where MKL repacks it per call) that runs the lanes on torch's own OpenMP team, SiLU(gate) * up one torch call
+   between them. Without the kernel (no compiler), each lane runs on a single-threaded Python worker with per
+   expert BLAS calls into preallocated buffers, the product's orientation chosen by the number of rows;
 3. bfloat16 without the kernel (and small float32 experts) run `padded`: every expert's rows padded to the
    busiest expert's count, one batched GEMM per projection over all experts, unless the padding would cost too
    much (then grouped_mm);
@@ -36,7 +36,7 @@ from concurrent.futures import ThreadPoolExecutor, wait
 import torch
 
 # `from .x import`, not `from . import x`: transformers copies a Hub repo's custom code by that pattern
-from .cpu_kernel_llada_moe import grouped_linear, grouped_usable
+from .cpu_kernel_llada_moe import find_openmp, grouped_linear, grouped_linear_lanes, grouped_usable
 from .cpu_kernel_llada_moe import load as load_kernel
 
 
@@ -71,9 +71,13 @@ TOUCH_MAX_BYTES = 2 << 20
 # Rows a lane takes through gate_up, the activation and down at a time: the intermediates of 128 rows stay in the
 # L2/L3 cache (all the pairs' at once would not, at 512 tokens).
 BLOCK_ROWS = 128
-# Multiply-adds a lane must have to be worth a worker's wake-up and the OpenMP team's restart (on the mid-size
-# model: two lanes from about 40 tokens).
+# Multiply-adds a lane must have to be worth a Python worker's wake-up and the OpenMP team's restart (on the
+# mid-size model: two lanes from about 40 tokens). Only without the kernel's lanes on torch's OpenMP team (no
+# compiler, or no OpenMP runtime found).
 LANE_MIN_WORK = 64 << 20
+# The same for the kernel's lanes on torch's OpenMP team, whose threads are already running: on the mid-size
+# model two lanes were as fast as one or faster from a single token (benchmarks/cpu_lanes_idle.py).
+TEAM_LANE_MIN_WORK = 1 << 20
 
 
 def _grouped_mm_forward(module, hidden_states, top_k_index, top_k_weights):
@@ -93,26 +97,20 @@ def _needs_graph(module, hidden_states, top_k_weights) -> bool:
     )
 
 
-def _find_libgomp():
-    """GNU OpenMP as loaded by torch (Linux wheels), or None: only its `omp_pause_resource_all` is used."""
-    try:
-        with open("/proc/self/maps") as maps:
-            paths = {line.split()[-1] for line in maps if "libgomp" in line}
-    except OSError:  # not Linux
-        return None
-    for path in sorted(paths):
-        try:
-            library = ctypes.CDLL(path)
-            pause = library.omp_pause_resource_all
-        except (OSError, AttributeError):
-            continue
+def _find_pause():
+    """`omp_pause_resource_all` of torch's OpenMP runtime (OpenMP 5.0), or None."""
+    openmp = find_openmp()
+    pause = getattr(openmp, "omp_pause_resource_all", None) if openmp is not None else None
+    if pause is not None:
         pause.argtypes, pause.restype = [ctypes.c_int], ctypes.c_int
-        return pause
-    return None
+    return pause
 
 
 class _Lanes:
-    """Worker threads that each run torch with one intra-op thread, created on first use (and again after a fork).
+    """Worker threads that each run torch with one intra-op thread, created on first use (and again after a fork):
+    the lanes where the kernel cannot run them on torch's OpenMP team. A worker sleeps on a futex between
+    layers; waking it on a core that has gone idle can take milliseconds (benchmarks/cpu_lanes_idle.py), hence
+    LANE_MIN_WORK.
 
     `torch.set_num_threads(1)` in a worker sets that thread's OpenMP and MKL thread counts; it also sets two
     process-wide values (the count new threads start with, the pthreadpool's size), which are put back at once.
@@ -127,7 +125,7 @@ class _Lanes:
         self._size = 0
         self._pid = None
         self._lock = threading.Lock()
-        self._pause = _find_libgomp()
+        self._pause = _find_pause()
 
     def pool(self, workers: int) -> ThreadPoolExecutor:
         with self._lock:
@@ -223,24 +221,35 @@ def _kernel_takes(kernel, rows, gate_up, down, gate_up_out, act_out, out) -> boo
     )
 
 
-def _run_experts_kernel(kernel, act_fn, gate_up, down, rows, gate_up_out, act_out, out, offsets, row_start, row_end):
-    """run_experts with the built kernel: each projection one call over the lane's experts (no Python between
-    experts), the activation one torch call over the lane's rows; experts with more than KERNEL_MAX_ROWS rows
-    (where MKL is as fast) run MKL's product."""
+def _busy_pieces(offsets, ranges, max_rows):
+    """(expert, lo, hi) of each expert's rows within each range where they are more than max_rows: the kernel
+    leaves these to MKL's product."""
+    busy = []
+    for row_start, row_end in ranges:
+        for expert in range(len(offsets) - 1):
+            lo, hi = max(offsets[expert], row_start), min(offsets[expert + 1], row_end)
+            if hi - lo > max_rows:
+                busy.append((expert, lo, hi))
+    return busy
+
+
+def _run_experts_kernel(kernel, act_fn, gate_up, down, rows, gate_up_out, act_out, out, offsets, ranges):
+    """run_experts with the built kernel over one or more lanes (contiguous `ranges` of rows): each projection
+    one kernel call over every lane's experts (lanes on torch's OpenMP team: grouped_linear_lanes), the
+    activation one torch call over the rows; experts with more than KERNEL_MAX_ROWS rows in a lane (where MKL is
+    as fast) run MKL's product with all its threads."""
     offsets_t = torch.tensor(offsets, dtype=torch.int64)
     max_rows = KERNEL_MAX_ROWS[rows.dtype]
-    busy = []  # (expert, lo, hi) of the experts the kernel leaves to MKL
-    for expert in range(len(offsets) - 1):
-        lo, hi = max(offsets[expert], row_start), min(offsets[expert + 1], row_end)
-        if hi - lo > max_rows:
-            busy.append((expert, lo, hi))
-    grouped_linear(kernel, rows, gate_up, offsets_t, row_start, row_end, max_rows, gate_up_out)
+    busy = _busy_pieces(offsets, ranges, max_rows)
+    bounds = [start for start, _ in ranges] + [ranges[-1][1]]
+    first, last = bounds[0], bounds[-1]
+    grouped_linear_lanes(kernel, rows, gate_up, offsets_t, bounds, max_rows, gate_up_out)
     for expert, lo, hi in busy:
         torch.mm(rows[lo:hi], gate_up[expert].t(), out=gate_up_out[lo:hi])
     intermediate = down.shape[-1]
-    lane = gate_up_out[row_start:row_end]
-    torch.mul(act_fn(lane[:, :intermediate]), lane[:, intermediate:], out=act_out[row_start:row_end])
-    grouped_linear(kernel, act_out, down, offsets_t, row_start, row_end, max_rows, out)
+    lane = gate_up_out[first:last]
+    torch.mul(act_fn(lane[:, :intermediate]), lane[:, intermediate:], out=act_out[first:last])
+    grouped_linear_lanes(kernel, act_out, down, offsets_t, bounds, max_rows, out)
     for expert, lo, hi in busy:
         torch.mm(act_out[lo:hi], down[expert].t(), out=out[lo:hi])
 
@@ -252,7 +261,7 @@ def run_experts(act_fn, gate_up, down, rows, gate_up_out, act_out, out, offsets,
     for MKL alone: then a block of experts at a time, so that the intermediates stay in the cache."""
     if _kernel_takes(kernel, rows, gate_up, down, gate_up_out, act_out, out):
         return _run_experts_kernel(
-            kernel, act_fn, gate_up, down, rows, gate_up_out, act_out, out, offsets, row_start, row_end
+            kernel, act_fn, gate_up, down, rows, gate_up_out, act_out, out, offsets, [(row_start, row_end)]
         )
     small = WEIGHTS_LEFT_MAX_ROWS.get(rows.dtype, 0)
     fits = gate_up[0].numel() * gate_up.element_size() <= TOUCH_MAX_BYTES
@@ -278,6 +287,13 @@ def run_experts(act_fn, gate_up, down, rows, gate_up_out, act_out, out, offsets,
             block = []
         if hi >= row_end:
             break
+
+
+@torch.no_grad()
+def run_kernel_lanes(act_fn, gate_up, down, rows, gate_up_out, act_out, out, offsets, kernel, ranges):
+    """run_experts for several lanes at once, on torch's own OpenMP team (kernel.parallel): no worker thread to
+    wake and no team to pause, so lanes pay from far fewer rows than the Python workers' (LANE_MIN_WORK)."""
+    _run_experts_kernel(kernel, act_fn, gate_up, down, rows, gate_up_out, act_out, out, offsets, ranges)
 
 
 def _route(top_k_index: torch.Tensor, num_experts: int):
@@ -319,10 +335,14 @@ def sorted_lanes_forward(self, hidden_states, top_k_index, top_k_weights, route=
     kernel = load_kernel()
     args = (self.act_fn, gate_up, down, rows, gate_up_out, act_out, out, offsets, kernel)
 
+    on_team = kernel is not None and kernel.parallel and _kernel_takes(kernel, rows, gate_up, down, gate_up_out,
+                                                                         act_out, out)  # fmt: skip
     work = pairs * down.shape[1] * down.shape[2] * 3  # multiply-adds of both projections
-    lanes = min(torch.get_num_threads(), work // LANE_MIN_WORK)
+    lanes = min(torch.get_num_threads(), work // (TEAM_LANE_MIN_WORK if on_team else LANE_MIN_WORK))
     ranges = split_lanes(counts, lanes) if lanes > 1 else [(0, pairs)]
-    if len(ranges) > 1:
+    if len(ranges) > 1 and on_team:
+        run_kernel_lanes(*args, ranges)
+    elif len(ranges) > 1:
         _LANES.run(run_experts, args, ranges)
     elif ranges:
         run_experts(*args, *ranges[0])

@@ -130,6 +130,59 @@ def test_grouped_linear_checks_its_offsets_and_rows(kernel):
         kernel_lib.grouped_linear(kernel, x, weights, torch.tensor([0, 2, 6]), 0, 4, 9, out)
 
 
+@pytest.fixture
+def two_threads():
+    threads = torch.get_num_threads()
+    torch.set_num_threads(2)
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+@pytest.mark.parametrize("bounds", [[0, 23, 70], [0, 10, 12, 50, 70], [5, 5, 30], [0, 70]])
+def test_grouped_linear_lanes_equal_one_range_per_lane(kernel, dtype, bounds, two_threads):
+    """The lanes at once give each lane's grouped_linear, bit for bit; each lane on the OpenMP thread of its
+    number (modulo the team), so that two lanes really run on two threads."""
+    dtype = kernel_dtype(kernel, dtype)
+    counts = [0, 3, 20, 1, 46]
+    offsets = torch.tensor([0] + counts).cumsum(0)
+    x = torch.randn(70, 40).to(dtype)
+    weights = torch.randn(5, 24, 40).to(dtype)
+    want = torch.full((70, 24), float("nan"), dtype=dtype)
+    for lo, hi in zip(bounds, bounds[1:]):
+        kernel_lib.grouped_linear(kernel, x, weights, offsets, lo, hi, 45, want)
+    got = torch.full((70, 24), float("nan"), dtype=dtype)
+    lanes = len(bounds) - 1
+    lane_thread = torch.full((lanes,), -1, dtype=torch.int64)
+    kernel_lib.grouped_linear_lanes(kernel, x, weights, offsets, bounds, 45, got, lane_thread)
+    assert torch.equal(got.isnan(), want.isnan())
+    assert torch.equal(got.nan_to_num(), want.nan_to_num())
+    threads = 2 if kernel.parallel and lanes > 1 else 1  # one lane runs on the calling thread
+    assert lane_thread.tolist() == [lane % threads for lane in range(lanes)]
+
+
+def test_grouped_linear_lanes_checks_its_bounds(kernel):
+    x, weights, out = torch.randn(4, 8), torch.randn(2, 3, 8), torch.empty(4, 3)
+    offsets = torch.tensor([0, 2, 4])
+    with pytest.raises(ValueError, match="nondecreasing"):
+        kernel_lib.grouped_linear_lanes(kernel, x, weights, offsets, [0, 3, 2], 9, out)
+    with pytest.raises(ValueError, match="nondecreasing"):
+        kernel_lib.grouped_linear_lanes(kernel, x, weights, offsets, [4], 9, out)
+    with pytest.raises(ValueError, match="within the 4 rows"):
+        kernel_lib.grouped_linear_lanes(kernel, x, weights, offsets, [0, 2, 5], 9, out)
+    with pytest.raises(ValueError, match="2 entries"):
+        kernel_lib.grouped_linear_lanes(kernel, x, weights, offsets, [0, 2, 4], 9, out, torch.zeros(3).long())
+
+
+def test_the_lanes_find_torchs_openmp_runtime(kernel):
+    """On Linux torch runs its parallel regions on an OpenMP runtime the kernel finds (torch's own copy first)."""
+    if platform.system() != "Linux" or "OpenMP" not in torch.__config__.parallel_info():
+        pytest.skip("torch here has no OpenMP runtime to find")
+    openmp = kernel_lib.find_openmp()
+    assert openmp is not None and kernel.parallel
+    assert openmp.omp_get_num_threads() == 1  # outside a parallel region
+
+
 @pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
 def test_an_empty_sum_is_zero(kernel, dtype):
     dtype = kernel_dtype(kernel, dtype)

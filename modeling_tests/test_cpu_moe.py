@@ -69,8 +69,9 @@ def products(request, monkeypatch):
 
 @pytest.fixture
 def lanes_on_tiny_shapes(monkeypatch):
-    """Lanes for any amount of work, and two torch threads: the worker threads run even on test-sized shapes."""
+    """Lanes for any amount of work, and two torch threads: the lanes run even on test-sized shapes."""
     monkeypatch.setattr(cpu_moe, "LANE_MIN_WORK", 1)
+    monkeypatch.setattr(cpu_moe, "TEAM_LANE_MIN_WORK", 1)
     threads = torch.get_num_threads()
     torch.set_num_threads(2)
     yield
@@ -144,8 +145,9 @@ def test_sorted_lanes_is_the_eager_loop_bit_for_bit(monkeypatch):
 
 
 def test_lanes_split_an_expert_and_run_on_workers(lanes_on_tiny_shapes, monkeypatch):
-    """All tokens on one expert, three lanes: the expert's rows are split, the workers run two of the ranges, and
-    the main thread's torch thread count is restored afterwards."""
+    """Without the kernel: all tokens on one expert, three lanes: the expert's rows are split, the Python workers
+    run two of the ranges, and the main thread's torch thread count is restored afterwards."""
+    monkeypatch.setattr(cpu_moe, "load_kernel", lambda: None)
     torch.set_num_threads(3)
     seen = []
     run = cpu_moe.run_experts
@@ -167,7 +169,45 @@ def test_lanes_split_an_expert_and_run_on_workers(lanes_on_tiny_shapes, monkeypa
     assert torch.get_num_threads() == 3
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_kernel_lanes_split_an_expert_on_torchs_openmp_team(dtype, lanes_on_tiny_shapes, monkeypatch):
+    """With the kernel: all tokens on one expert, three lanes in one call per projection on torch's OpenMP team
+    (no Python worker), each lane on its own OpenMP thread; the result equals eager."""
+    kernel = cpu_moe.load_kernel()
+    if kernel is None or dtype not in kernel.dtypes or not kernel.parallel:
+        if os.environ.get("LLADA_MOE_REQUIRE_KERNEL") == "1" and dtype == torch.float32:
+            pytest.fail("the CPU experts kernel did not build, or found no OpenMP runtime")
+        pytest.skip(f"no {dtype} kernel with OpenMP lanes here")
+    torch.set_num_threads(3)
+    monkeypatch.setitem(cpu_moe.KERNEL_MAX_ROWS, dtype, 30)  # each lane's 30 rows of the expert: the kernel's
+    calls = []
+    lanes = cpu_moe.grouped_linear_lanes
+
+    def recording(kernel, x, weights, offsets, bounds, max_rows, out):
+        lane_thread = torch.full((len(bounds) - 1,), -1, dtype=torch.int64)
+        calls.append((bounds, lane_thread, threading.current_thread().name))
+        return lanes(kernel, x, weights, offsets, bounds, max_rows, out, lane_thread)
+
+    monkeypatch.setattr(cpu_moe, "grouped_linear_lanes", recording)
+    monkeypatch.setattr(cpu_moe._LANES, "run", lambda *a: pytest.fail("the Python workers ran"))
+    module = experts_module(dtype=dtype)
+    hidden = torch.randn(30, 96, dtype=dtype)
+    index, weights = routing(30, 5, 3, "one_expert")
+    weights = weights.to(dtype)
+    with torch.no_grad():
+        want = EAGER(module, hidden, index, weights).float()
+    got = run_strategy("sorted_lanes", module, hidden, index, weights).float()
+    atol = 1e-5 if dtype == torch.float32 else 2e-2 * want.abs().max().item()
+    torch.testing.assert_close(got, want, rtol=0, atol=atol)
+    assert [bounds for bounds, _, _ in calls] == [[0, 30, 60, 90]] * 2  # gate_up, then down
+    assert all(lane_thread.tolist() == [0, 1, 2] for _, lane_thread, _ in calls)
+    assert {name for _, _, name in calls} == {threading.current_thread().name}
+    assert torch.get_num_threads() == 3
+
+
 def test_a_failing_lane_raises_and_restores_threads(lanes_on_tiny_shapes, monkeypatch):
+    monkeypatch.setattr(cpu_moe, "load_kernel", lambda: None)  # the Python workers' lanes
+
     def broken(*args):
         if threading.current_thread().name.startswith("llada-cpu-moe"):
             raise RuntimeError("lane failed")
@@ -186,7 +226,8 @@ import multiprocessing, threading, torch
 import test_cpu_moe as t
 from llada_moe_hf import cpu_moe_llada_moe as cpu_moe
 
-cpu_moe.LANE_MIN_WORK = 1
+cpu_moe.LANE_MIN_WORK = cpu_moe.TEAM_LANE_MIN_WORK = 1
+python_workers = cpu_moe.load_kernel() is None  # else the kernel's lanes on the OpenMP team
 torch.set_num_threads(1)
 module = t.experts_module()
 index, weights = t.routing(40, 5, 3, "random")
@@ -207,22 +248,26 @@ process.start()
 threads, got = queue.get(timeout=100)
 process.join(timeout=30)
 assert process.exitcode == 0, process.exitcode
-assert threads >= 4, threads  # the child's three lane workers and its main thread
+if python_workers:
+    assert threads >= 4, threads  # the child's three lane workers and its main thread
 torch.testing.assert_close(torch.tensor(got), want, rtol=0, atol=1e-5)
 print("forked lanes ok")
 """
 
 
-def test_lanes_run_in_a_forked_process():
+@pytest.mark.parametrize("kernel", ["1", "0"])
+def test_lanes_run_in_a_forked_process(kernel):
     """A worker process forked from a single-threaded parent (a fork-started rank, a DataLoader worker) that then
-    uses several threads starts its own lane workers and gets the parent's numbers; its lanes renew torch's
-    thread pool before the workers start (_Lanes.pool). Run in a new interpreter: a parent that has run OpenMP
-    teams of 2+ threads (this test process has) cannot fork safely at all, with or without this package."""
+    uses several threads runs its lanes (the kernel's on its OpenMP team; without the kernel, its own Python
+    workers, which renew torch's thread pool before they start: _Lanes.pool) and gets the parent's numbers. Run
+    in a new interpreter: a parent that has run OpenMP teams of 2+ threads (this test process has) cannot fork
+    safely at all, with or without this package."""
     import subprocess
     import sys
 
     tests = os.path.dirname(os.path.abspath(__file__))
     env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=os.pathsep.join([tests, str(REPO_ROOT)]))
+    env["LLADA_MOE_CPU_KERNEL"] = kernel
     done = subprocess.run([sys.executable, "-c", FORKED_LANES], capture_output=True, text=True, env=env, timeout=300)
     assert done.returncode == 0 and "forked lanes ok" in done.stdout, done.stderr[-3000:]
 
@@ -320,10 +365,15 @@ def sorted_lanes_on_the_fixture(monkeypatch):
     """The tiny fixture's experts (64 x 32) are below LARGE_EXPERT (padded): run them as a large model's."""
     monkeypatch.setattr(cpu_moe, "LARGE_EXPERT", 1)
     monkeypatch.setattr(cpu_moe, "LANE_MIN_WORK", 1)
-    calls = []
-    run = cpu_moe.run_experts
+    monkeypatch.setattr(cpu_moe, "TEAM_LANE_MIN_WORK", 1)
+    calls = []  # per call: whether the kernel ran it
+    run, team = cpu_moe.run_experts, cpu_moe.run_kernel_lanes
     monkeypatch.setattr(cpu_moe, "run_experts", lambda *a: calls.append(a[8] is not None) or run(*a))
-    return calls
+    monkeypatch.setattr(cpu_moe, "run_kernel_lanes", lambda *a: calls.append(True) or team(*a))
+    threads = torch.get_num_threads()
+    torch.set_num_threads(2)  # two lanes
+    yield calls
+    torch.set_num_threads(threads)
 
 
 def test_golden_logits_through_sorted_lanes(golden, products, sorted_lanes_on_the_fixture):
