@@ -178,12 +178,12 @@ def _packed_candidate(module):
 
 def candidate_functions(module):
     def one_lane(self, hidden_states, top_k_index, top_k_weights):
-        work = cpu_moe.LANE_MIN_WORK
-        cpu_moe.LANE_MIN_WORK = 1 << 62
+        work, team_work = cpu_moe.LANE_MIN_WORK, cpu_moe.TEAM_LANE_MIN_WORK
+        cpu_moe.LANE_MIN_WORK = cpu_moe.TEAM_LANE_MIN_WORK = 1 << 62
         try:
             return cpu_moe.sorted_lanes_forward(self, hidden_states, top_k_index, top_k_weights)
         finally:
-            cpu_moe.LANE_MIN_WORK = work
+            cpu_moe.LANE_MIN_WORK, cpu_moe.TEAM_LANE_MIN_WORK = work, team_work
 
     def no_kernel(self, hidden_states, top_k_index, top_k_weights):
         with _KernelOff():

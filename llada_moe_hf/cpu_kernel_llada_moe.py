@@ -291,6 +291,41 @@ extern "C" int llada_grouped_linear_lanes(const float* x, int64_t ldx, const flo
   return run_lanes(grouped_range<float, linear_rows>, &g, bounds, lanes, threads, lane_thread);
 }
 
+// One product out = x @ w.T with the weight's rows (the output columns) split into parts on the OpenMP team: a
+// dense projection (attention, lm_head) of a few rows. Each output element is summed the same way whatever the
+// split, so the threads change no number.
+template <typename T>
+struct Rows {
+  const T* x; int64_t m, ldx; const T* w; int64_t ldw, k_len; T* out; int64_t ldo, dot_max_rows;
+};
+
+template <typename T, int (*LINEAR)(const T*, int64_t, int64_t, const T*, int64_t, int64_t, int64_t, T*, int64_t,
+                                    int64_t)>
+static int rows_range(const void* args, int64_t n0, int64_t n1) {
+  const Rows<T>& r = *(const Rows<T>*)args;
+  return LINEAR(r.x, r.m, r.ldx, r.w + n0 * r.ldw, r.ldw, n1 - n0, r.k_len, r.out + n0, r.ldo, r.dot_max_rows);
+}
+
+constexpr int64_t PART_MIN_ROWS = 64;  // weight rows a part has at least: below, a thread's start costs more
+
+template <typename T>
+static int split_rows(int (*part)(const void*, int64_t, int64_t), const Rows<T>& r, int64_t n_rows,
+                      int64_t threads) {
+  int64_t parts = n_rows / PART_MIN_ROWS < threads ? n_rows / PART_MIN_ROWS : threads;
+  if (parts < 1) parts = 1;
+  if (parts > 256) parts = 256;
+  int64_t bounds[257];
+  for (int64_t i = 0; i <= parts; ++i) bounds[i] = i == parts ? n_rows : n_rows * i / parts / W * W;
+  return run_lanes(part, &r, bounds, parts, parts, nullptr);
+}
+
+extern "C" int llada_rows_linear_parts(const float* x, int64_t m, int64_t ldx, const float* w, int64_t ldw,
+                                       int64_t n_rows, int64_t k_len, float* out, int64_t ldo, int64_t dot_max_rows,
+                                       int64_t threads) {
+  const Rows<float> r{x, m, ldx, w, ldw, k_len, out, ldo, dot_max_rows};
+  return split_rows(rows_range<float, linear_rows>, r, n_rows, threads);
+}
+
 // ---------------------------------------------------------------------------------------------------- bfloat16
 // Only where the compiler targets AVX512_BF16 (Zen 4, Sapphire Rapids and later): vdpbf16ps multiplies pairs of
 // bfloat16 and adds them into float32, 32 multiply-adds an instruction. Elsewhere llada_has_bf16() is 0 and the
@@ -435,6 +470,13 @@ extern "C" int llada_grouped_linear_lanes_bf16(const uint16_t* x, int64_t ldx, c
   const Grouped<uint16_t> g{x, ldx, w, w_expert_stride, ldw, n_rows, k_len, offsets, n_experts, max_rows, out,
                             ldo, dot_max_rows};
   return run_lanes(grouped_range<uint16_t, linear_rows_bf16>, &g, bounds, lanes, threads, lane_thread);
+}
+
+extern "C" int llada_rows_linear_parts_bf16(const uint16_t* x, int64_t m, int64_t ldx, const uint16_t* w,
+                                            int64_t ldw, int64_t n_rows, int64_t k_len, uint16_t* out, int64_t ldo,
+                                            int64_t dot_max_rows, int64_t threads) {
+  const Rows<uint16_t> r{x, m, ldx, w, ldw, k_len, out, ldo, dot_max_rows};
+  return split_rows(rows_range<uint16_t, linear_rows_bf16>, r, n_rows, threads);
 }
 #else
 extern "C" int llada_has_bf16() { return 0; }
@@ -582,11 +624,13 @@ def _bind(library: str, flags: list[str]) -> "Kernel":
             continue
         linear, grouped = getattr(lib, "llada_rows_linear" + suffix), getattr(lib, "llada_grouped_linear" + suffix)
         lanes = getattr(lib, "llada_grouped_linear_lanes" + suffix)
+        parts = getattr(lib, "llada_rows_linear_parts" + suffix)
         linear.argtypes = [ptr, i64, i64, ptr, i64, i64, i64, ptr, i64, i64]
+        parts.argtypes = [ptr, i64, i64, ptr, i64, i64, i64, ptr, i64, i64, i64]
         grouped.argtypes = [ptr, i64, ptr, i64, i64, i64, i64, ptr, i64, i64, i64, i64, ptr, i64, i64]
         lanes.argtypes = [ptr, i64, ptr, i64, i64, i64, i64, ptr, i64, ptr, i64, i64, i64, ptr, i64, i64, ptr]
-        linear.restype = grouped.restype = lanes.restype = ctypes.c_int
-        functions[dtype] = (linear, grouped, lanes)
+        linear.restype = grouped.restype = lanes.restype = parts.restype = ctypes.c_int
+        functions[dtype] = (linear, grouped, lanes, parts)
     openmp = find_openmp()
     if openmp is not None:
         address = lambda f: ctypes.cast(f, ctypes.c_void_p).value  # noqa: E731
@@ -675,13 +719,15 @@ def _check(status: int, rows: int, width: int) -> None:
         raise MemoryError(f"the CPU experts kernel could not allocate a buffer for {rows} x {width} floats")
 
 
-def rows_linear(kernel: Kernel, x: torch.Tensor, weight: torch.Tensor, out: torch.Tensor) -> None:
-    """out = x @ weight.T (see usable())."""
-    linear = kernel.functions[x.dtype][0]
-    status = linear(
+def rows_linear(kernel: Kernel, x: torch.Tensor, weight: torch.Tensor, out: torch.Tensor, threads: int = 1) -> None:
+    """out = x @ weight.T (see usable()). threads > 1: the weight's rows split into up to that many parts (of at
+    least 64 rows) on torch's OpenMP team (kernel.parallel); the same numbers as one thread."""
+    functions = kernel.functions[x.dtype]
+    args = (
         x.data_ptr(), x.shape[0], x.stride(0), weight.data_ptr(), weight.stride(0), weight.shape[0], weight.shape[1],
         out.data_ptr(), out.stride(0), DOT_MAX_ROWS,
     )  # fmt: skip
+    status = functions[3](*args, threads) if threads > 1 else functions[0](*args)
     _check(status, x.shape[0], x.shape[1])
 
 

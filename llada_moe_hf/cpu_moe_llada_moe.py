@@ -34,9 +34,10 @@ import threading
 from concurrent.futures import ThreadPoolExecutor, wait
 
 import torch
+from torch import nn
 
 # `from .x import`, not `from . import x`: transformers copies a Hub repo's custom code by that pattern
-from .cpu_kernel_llada_moe import find_openmp, grouped_linear, grouped_linear_lanes, grouped_usable
+from .cpu_kernel_llada_moe import find_openmp, grouped_linear, grouped_linear_lanes, grouped_usable, rows_linear
 from .cpu_kernel_llada_moe import load as load_kernel
 
 
@@ -421,6 +422,46 @@ def auto_experts_forward(self, hidden_states, top_k_index, top_k_weights):
     if hidden_states.device.type == "cpu" and not _needs_graph(self, hidden_states, top_k_weights):
         return cpu_moe_experts_forward(self, hidden_states, top_k_index, top_k_weights)
     return _grouped_mm_forward(self, hidden_states, top_k_index, top_k_weights)
+
+
+# float32 dense projections (attention, lm_head) of up to this many rows run the kernel: MKL repacks the weight
+# for each call, and at a few dozen rows that is most of its time (measured ad hoc while building this, one
+# thread, [512|4096|2048, 512|2048] weights: 1.3x-2.6x MKL at 4 to 32 rows, even at 96 rows but for 2048 x 2048).
+# bfloat16 products go to oneDNN, which was as fast or faster from 4 rows.
+DENSE_KERNEL_MAX_ROWS = {torch.float32: 32}
+
+
+def _dense_kernel_takes(module, x: torch.Tensor, implementation) -> bool:
+    """Whether linear() may run `module` on the kernel: a plain nn.Linear (no hooks, no tensor subclass, no
+    autograd graph to record), float32 on the CPU, few rows, the experts on `auto`/`cpu_moe`."""
+    weight = getattr(module, "weight", None)
+    return (
+        implementation in (AUTO_NAME, CPU_MOE_NAME)
+        and type(module) is nn.Linear and type(weight) in (nn.Parameter, torch.Tensor)
+        and x.device.type == "cpu" and x.dtype == weight.dtype and x.dim() >= 2
+        and 0 < x.numel() // x.shape[-1] <= DENSE_KERNEL_MAX_ROWS.get(x.dtype, 0)
+        and not (module._forward_hooks or module._forward_pre_hooks or nn.modules.module._global_forward_hooks
+                 or nn.modules.module._global_forward_pre_hooks)
+        and not torch.compiler.is_compiling()
+        and not (torch.is_grad_enabled() and (x.requires_grad or weight.requires_grad))
+    )  # fmt: skip
+
+
+def linear(module, x: torch.Tensor, implementation=AUTO_NAME) -> torch.Tensor:
+    """module(x), where the module is a dense projection; float32 inference on the CPU with few rows runs the
+    kernel instead of MKL (same numbers within float rounding; _dense_kernel_takes). `implementation`: the
+    model's experts implementation: `eager` and `grouped_mm` keep torch's products throughout."""
+    if not _dense_kernel_takes(module, x, implementation):
+        return module(x)
+    kernel, weight = load_kernel(), module.weight
+    if kernel is None or x.dtype not in kernel.dtypes or weight.stride(1) != 1:
+        return module(x)
+    rows = x.reshape(-1, x.shape[-1]).contiguous()
+    out = rows.new_empty(rows.shape[0], weight.shape[0])
+    rows_linear(kernel, rows, weight, out, torch.get_num_threads() if kernel.parallel else 1)
+    if module.bias is not None:
+        out += module.bias
+    return out.view(*x.shape[:-1], weight.shape[0])
 
 
 def register_cpu_moe_experts():

@@ -33,7 +33,7 @@ from transformers.utils.generic import merge_with_config_defaults
 from transformers.utils.output_capturing import OutputRecorder, capture_outputs
 
 from .configuration_llada_moe import LLaDAMoEConfig
-from .cpu_moe_llada_moe import AUTO_NAME  # importing registers "cpu_moe" and "auto"
+from .cpu_moe_llada_moe import AUTO_NAME, linear  # importing registers "cpu_moe" and "auto"
 from .fused_moe_llada_moe import register_fused_moe_experts  # noqa: F401  (importing registers "fused_moe")
 from .generation_llada_moe import DiffusionGenerationConfig, DiffusionGenerationMixin
 from .training_llada_moe import masked_diffusion_loss, router_load_balancing_loss
@@ -201,9 +201,10 @@ class LLaDAMoEAttention(nn.Module):
         input_shape = hidden_states.shape[:-1]
         hidden_shape = (*input_shape, -1, self.head_dim)
 
-        query_states = self.q_proj(hidden_states).view(hidden_shape)
-        key_states = self.k_proj(hidden_states).view(hidden_shape)
-        value_states = self.v_proj(hidden_states).view(hidden_shape)
+        experts = self.config._experts_implementation  # `auto` on the CPU: few rows run the CPU kernel (linear)
+        query_states = linear(self.q_proj, hidden_states, experts).view(hidden_shape)
+        key_states = linear(self.k_proj, hidden_states, experts).view(hidden_shape)
+        value_states = linear(self.v_proj, hidden_states, experts).view(hidden_shape)
         if self.config.qk_layernorm:
             query_states = self.q_norm(query_states)
             key_states = self.k_norm(key_states)
@@ -237,7 +238,7 @@ class LLaDAMoEAttention(nn.Module):
             **kwargs,
         )
         attn_output = attn_output.reshape(*input_shape, -1).contiguous()
-        attn_output = self.o_proj(attn_output)
+        attn_output = linear(self.o_proj, attn_output, experts)
         return attn_output, attn_weights
 
 
@@ -663,7 +664,7 @@ class LLaDAMoEForDiffusionLM(LLaDAMoEPreTrainedModel, DiffusionGenerationMixin):
         )
         hidden_states = outputs.last_hidden_state
         slice_indices = slice(-logits_to_keep, None) if isinstance(logits_to_keep, int) else logits_to_keep
-        logits = self.lm_head(hidden_states[:, slice_indices, :])
+        logits = linear(self.lm_head, hidden_states[:, slice_indices, :], self.config._experts_implementation)
 
         loss = aux_loss = None
         if labels is not None:

@@ -302,3 +302,16 @@ def test_a_failing_build_falls_back_and_leaves_nothing(isolated, tmp_path, monke
         assert kernel_lib.load() is None
     assert "could not build the CPU experts kernel" in caplog.text and "out of disk" in caplog.text
     assert os.listdir(isolated) == []
+
+
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+@pytest.mark.parametrize("rows", [1, 5, 33])
+def test_rows_linear_in_parts_gives_one_threads_numbers(kernel, dtype, rows, two_threads):
+    """The weight's rows split over the OpenMP team (a dense projection): bit for bit one thread's product."""
+    dtype = kernel_dtype(kernel, dtype)
+    x, weight = torch.randn(rows, 72).to(dtype), torch.randn(300, 72).to(dtype)
+    one, parts = torch.empty(rows, 300, dtype=dtype), torch.full((rows, 300), float("nan"), dtype=dtype)
+    kernel_lib.rows_linear(kernel, x, weight, one)
+    kernel_lib.rows_linear(kernel, x, weight, parts, threads=2)
+    assert torch.equal(one, parts)
+    torch.testing.assert_close(parts, reference(x, weight, dtype), **tolerances(dtype))

@@ -460,3 +460,71 @@ def test_unknown_experts_implementation_lists_cpu_moe():
     model = LLaDAMoEForDiffusionLM(tiny_config())
     with pytest.raises(ValueError, match="cpu_moe"):
         model.set_experts_implementation("cpu-moe")
+
+
+@pytest.fixture
+def dense_kernel():
+    kernel = cpu_moe.load_kernel()
+    if kernel is None:
+        if os.environ.get("LLADA_MOE_REQUIRE_KERNEL") == "1":
+            pytest.fail("the CPU experts kernel did not build")
+        pytest.skip("no C++ compiler here: the CPU experts kernel cannot be built")
+    threads = torch.get_num_threads()
+    torch.set_num_threads(2)
+    yield kernel
+    torch.set_num_threads(threads)
+
+
+def test_dense_linear_runs_the_kernel_for_few_float32_rows(dense_kernel, monkeypatch):
+    """linear(): float32, CPU, inference, up to DENSE_KERNEL_MAX_ROWS rows, `auto`/`cpu_moe`: the kernel (in
+    parts on two threads), torch's numbers within float rounding, bias included; otherwise the module itself."""
+    calls = []  # the threads of each kernel call
+    kernel_rows = cpu_moe.rows_linear
+    monkeypatch.setattr(cpu_moe, "rows_linear", lambda *a: calls.append(a[-1]) or kernel_rows(*a))
+
+    torch.manual_seed(0)
+    module = torch.nn.Linear(96, 200, bias=True)
+    x = torch.randn(2, 7, 96)
+    with torch.no_grad():
+        want = module(x)
+        got = cpu_moe.linear(module, x, "auto")
+        assert calls == [2] and got.shape == (2, 7, 200)
+        torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+        strided = x.transpose(0, 1)  # not contiguous: copied into rows first
+        torch.testing.assert_close(cpu_moe.linear(module, strided, "cpu_moe"), module(strided), rtol=1e-5, atol=1e-5)
+        assert len(calls) == 2
+        # the module's own product: eager/grouped_mm experts, too many rows, bfloat16, a hook
+        for args in [(x, "eager"), (x, "grouped_mm"), (torch.randn(40, 96), "auto")]:
+            torch.testing.assert_close(cpu_moe.linear(module, *args), module(args[0]), rtol=0, atol=0)
+        torch.testing.assert_close(cpu_moe.linear(module.to(torch.bfloat16), x.bfloat16()), module(x.bfloat16()),
+                                   rtol=0, atol=0)  # fmt: skip
+        module.float()
+        handle = module.register_forward_hook(lambda m, i, o: o * 2)
+        torch.testing.assert_close(cpu_moe.linear(module, x), module(x), rtol=0, atol=0)
+        assert not calls[2:]
+        handle.remove()
+    assert len(calls) == 2
+    got = cpu_moe.linear(module, x)  # autograd would record the product: the module runs
+    assert got.requires_grad and len(calls) == 2
+
+
+def test_dense_linear_golden_logits_and_eager_tokens(golden, golden_meta, dense_kernel, monkeypatch):
+    """The model's attention and lm_head through the kernel (its rows limit raised to the fixture's 3 x 21 rows):
+    golden logits within 1e-5, and a golden generation gives the eager model's tokens."""
+    monkeypatch.setitem(cpu_moe.DENSE_KERNEL_MAX_ROWS, torch.float32, 64)
+    calls = []
+    rows = cpu_moe.rows_linear
+    monkeypatch.setattr(cpu_moe, "rows_linear", lambda *a: calls.append(1) or rows(*a))
+    model = LLaDAMoEForDiffusionLM.from_pretrained(FIXTURE_DIR).eval()
+    with torch.no_grad():
+        logits = model(golden["logits.input_ids"]).logits
+    torch.testing.assert_close(logits, golden["logits.logits"], rtol=0, atol=1e-5)
+    layers = model.config.num_hidden_layers
+    assert len(calls) == 4 * layers + 1  # q, k, v, o a layer, and the lm_head
+    case = golden_meta["generate"][0]
+    kwargs = dict(case["kwargs"])
+    length = kwargs.pop("gen_length")
+    eager = LLaDAMoEForDiffusionLM.from_pretrained(FIXTURE_DIR, experts_implementation="eager").eval()
+    outputs = [m.generate(golden[case["prompt"]], max_new_tokens=length, mask_token_id=MASK, stop_at_eos=False,
+                          **kwargs) for m in (model, eager)]  # fmt: skip
+    assert torch.equal(outputs[0], outputs[1]) and torch.equal(outputs[0], golden[case["output"]])
