@@ -77,7 +77,8 @@ BLOCK_ROWS = 128
 # compiler, or no OpenMP runtime found).
 LANE_MIN_WORK = 64 << 20
 # The same for the kernel's lanes on torch's OpenMP team, whose threads are already running: on the mid-size
-# model two lanes were as fast as one or faster from a single token (benchmarks/cpu_lanes_idle.py).
+# model two lanes were as fast as one or faster from a single token (an ad-hoc run while building this; not yet
+# a committed benchmark).
 TEAM_LANE_MIN_WORK = 1 << 20
 
 
@@ -425,9 +426,8 @@ def auto_experts_forward(self, hidden_states, top_k_index, top_k_weights):
 
 
 # float32 dense projections (attention, lm_head) of up to this many rows run the kernel: MKL repacks the weight
-# for each call, and at a few dozen rows that is most of its time (measured ad hoc while building this, one
-# thread, [512|4096|2048, 512|2048] weights: 1.3x-2.6x MKL at 4 to 32 rows, even at 96 rows but for 2048 x 2048).
-# bfloat16 products go to oneDNN, which was as fast or faster from 4 rows.
+# for each call, and at a few dozen rows that is most of its time (benchmarks/cpu_dense_linear.py). bfloat16
+# products go to oneDNN, which was as fast or faster from 4 rows there.
 DENSE_KERNEL_MAX_ROWS = {torch.float32: 32}
 
 
