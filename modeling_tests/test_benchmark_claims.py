@@ -615,3 +615,14 @@ def test_golden_check_script_runs_and_writes_json(tmp_path):
     strict = ["--atol", "0", "--attn", "eager", "--experts", "eager", "--out", str(tmp_path / "strict.json")]
     proc = run_script([str(REPO_ROOT / "benchmarks" / "cuda_golden.py"), "--device", "cpu", *strict], tmp_path)
     assert proc.returncode == 1 and "float32 logits differ" in proc.stdout
+
+
+def test_cpu_dense_linear_figures():
+    data = result("cpu_dense_linear.json")
+    assert data["git"]["commit"] and not data["git"]["dirty"]
+    f32 = [r for r in data["results"] if r["dtype"] == "float32" and r["rows"] <= 32]
+    slow = [r for r in f32 if r["kernel_speedup"] < 1]
+    fast = [r["kernel_speedup"] for r in f32 if r["kernel_speedup"] >= 1]
+    in_readme(f"float32 up to 32 rows {min(fast):.2f}x to {max(fast):.2f}x")
+    assert [(r["threads"], r["rows"], r["weight"]) for r in slow] == [(1, 1, [512, 512])]
+    in_readme(f"on one thread, {slow[0]['kernel_speedup']:.2f}x)")
