@@ -77,8 +77,8 @@ BLOCK_ROWS = 128
 # compiler, or no OpenMP runtime found).
 LANE_MIN_WORK = 64 << 20
 # The same for the kernel's lanes on torch's OpenMP team, whose threads are already running: on the mid-size
-# model two lanes were as fast as one or faster from a single token (an ad-hoc run while building this; not yet
-# a committed benchmark).
+# model (3M multiply-adds a token) two lanes are 1.02x-1.55x one lane from a single token on 2 threads
+# (benchmarks/results/cpu_lanes_small.json). Below 1M (the tiny test models) is not measured: one lane there.
 TEAM_LANE_MIN_WORK = 1 << 20
 
 

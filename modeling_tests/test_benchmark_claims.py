@@ -208,10 +208,52 @@ def test_cpu_experts_tables_and_targets():
     for shape, dtype in (("mid", "float32"), ("mid", "bfloat16"), ("release", "float32"), ("release", "bfloat16")):
         speed = [r["speedup_vs_grouped_mm"]["auto"] for r in data["forward"] if (r["shape"], r["dtype"]) == (shape, dtype)]
         ranges.append(f"{min(speed):.2f}x to {max(speed):.2f}x")
-    in_readme(f"`auto` is faster than grouped_mm in all {len(data['forward'])} rows: {ranges[0]} on the mid shape")
+    faster = [r for r in data["forward"] if r["speedup_vs_grouped_mm"]["auto"] > 1]
+    in_readme(f"`auto` is faster than grouped_mm in {len(faster)} of {len(data['forward'])} rows: {ranges[0]} on the mid")
     for text in ranges[1:]:
         in_readme(text)
-    assert all(r["speedup_vs_grouped_mm"]["auto"] > 1 for r in data["forward"])
+    # the rows it is not faster in are within this machine's noise, as the README says
+    assert all(r["speedup_vs_grouped_mm"]["auto"] > 0.95 for r in data["forward"])
+    few = [r for r in data["forward"] if r["tokens"] <= 32]
+    auto, bare = ([r["speedup_vs_grouped_mm"][k] for r in few] for k in ("auto", NO_KERNEL))
+    in_readme(f"`auto` is {min(auto):.2f}x to {max(auto):.2f}x grouped_mm, against {min(bare):.2f}x to {max(bare):.2f}x without it")
+    at_512 = [r["median_ms"]["eager"] / r["median_ms"]["auto"] for r in data["forward"] if r["tokens"] == 512]
+    in_readme(f"the eager loop's time is {min(at_512):.2f}x to {max(at_512):.2f}x `auto`'s: the eager")
+    in_readme(f"loop is ahead in {sum(x < 1 for x in at_512)} of those {len(at_512)} rows")
+    cand = data["candidates"]
+    mid_range = [r for r in cand if r["tokens"] <= 256]
+    for r in mid_range:  # sorted_lanes is the fastest strategy, or within 0.06x of it
+        best = max(r["speedup_vs_grouped_mm"].values())
+        assert best - r["speedup_vs_grouped_mm"]["sorted_lanes"] <= 0.065, r
+    speed = [r["speedup_vs_grouped_mm"]["sorted_lanes"] for r in mid_range]
+    in_readme(f"within 0.06x of it, from 16 to 256 tokens: {min(speed):.2f}x to {max(speed):.2f}x grouped_mm")
+    at_512 = [r for r in cand if r["tokens"] == 512]
+    speed = [r["speedup_vs_grouped_mm"]["sorted_lanes"] for r in at_512]
+    packed = [r["speedup_vs_grouped_mm"]["oneDNN packed (2x memory)"] for r in at_512]
+    in_readme(f"the kernel is no faster than torch's product ({min(speed):.2f}x to {max(speed):.2f}x grouped_mm;")
+    in_readme(f"and the oneDNN-packed products lead ({min(packed):.2f}x to {max(packed):.2f}x grouped_mm;")
+
+
+def test_cpu_lanes_small_table():
+    """Two lanes against one at 1 to 8 tokens: what backs TEAM_LANE_MIN_WORK."""
+    data = result("cpu_lanes_small.json")
+    assert data["git"]["commit"] and not data["git"]["dirty"] and not data["forward"]
+    rows, gains = [], []
+    for r in data["candidates"]:
+        two, one = r["median_ms"]["sorted_lanes"], r["median_ms"]["sorted, one lane"]
+        rows.append([r["dtype"], str(r["tokens"]), f"{two:.2f}", f"{one:.2f}", f"{one / two:.2f}x"])
+        gains.append(one / two)
+        assert r["threads"] == 2 and r["max_abs_error_vs_eager"]["sorted_lanes"] < (1e-4 if r["dtype"] == "float32" else 0.5)
+    assert_table("(`benchmarks/results/cpu_lanes_small.json`):", rows)
+    in_readme(f"Two lanes are as fast as one or faster from a single token: {min(gains):.2f}x to {max(gains):.2f}x.")
+    assert min(gains) >= 0.995 and min(r["tokens"] for r in data["candidates"]) == 1
+    # one token of the mid shape already has the work of more than one lane
+    from llada_moe_hf import cpu_moe_llada_moe as cpu_moe
+
+    shape = data["shapes"]["mid"]
+    work = shape["top_k"] * shape["hidden"] * shape["expert_width"] * 3
+    assert work // cpu_moe.TEAM_LANE_MIN_WORK >= 2
+    in_readme(f"one token of the mid shape is {work / 1e6:.0f}M multiply-adds")
 
 
 LLAMA_CPP_MARKER = "(`benchmarks/results/llama_cpp_forward.json`):"
@@ -239,18 +281,25 @@ def test_llama_cpp_forward_table_and_figures():
             in_readme(f"{dtype}, {threads} thread{'s' if threads > 1 else ''}: llama.cpp {row['median_ms']['llama.cpp']:.1f} ms, "
                       f"ours {row['median_ms']['auto']:.1f} ms ({row['llama_cpp_over_auto']:.2f}x), "
                       f"llama.cpp {row['speedup_vs_grouped_mm']['llama.cpp']:.2f}x grouped_mm")  # fmt: skip
-    one_thread = [r["llama_cpp_over_auto"] for r in data["rows"] if r["threads"] == 1 and r["tokens"] >= 32]
-    in_readme(f"From 32 tokens it is {min(one_thread):.2f}x to {max(one_thread):.2f}x.")
     ratios = {(r["shape"], r["tokens"], r["threads"], r["dtype"]): r["llama_cpp_over_auto"] for r in data["rows"]}
+
+    def span(keep):
+        picked = [x for key, x in ratios.items() if keep(*key)]
+        return f"{min(picked):.2f}x to {max(picked):.2f}x", picked
+
+    text, picked = span(lambda shape, tokens, threads, dtype: tokens >= 96)
+    slower = [x for x in picked if round(x, 2) < 1]
+    assert len(slower) == 1, "the README says: every row but one"
+    in_readme(f"every row but one**: {text}, the {slower[0]:.2f}x")
+    in_readme(f"In bfloat16 ours is {span(lambda s, tokens, t, dtype: tokens >= 96 and dtype == 'bfloat16')[0]} there")
+    in_readme(f"At the release's widths ours is {span(lambda shape, *_: shape == 'release')[0]} llama.cpp**")
+    in_readme(f"on two threads it is {span(lambda shape, _, threads, __: shape == 'release' and threads == 2)[0]}.")
+    few = lambda threads: lambda shape, tokens, t, _: shape == "mid" and tokens <= 32 and t == threads  # noqa: E731
+    in_readme(f"ours is {span(few(2))[0]} llama.cpp on two threads (and {span(few(1))[0]} on one)")
     one = [x for (_, _, threads, _), x in ratios.items() if threads == 1]
-    at_least = [x for x in one if round(x, 2) >= 1.0]
-    in_readme(f"as fast as llama.cpp or faster in {len(at_least)} of {len(one)} rows** ({min(at_least):.2f}x to "
-              f"{max(at_least):.2f}x; {min(one):.2f}x at the")
-    few = [x for (shape, tokens, threads, _), x in ratios.items()
-           if threads == 2 and (shape == "mid" and tokens <= 32 or shape == "release" and tokens == 16)]
-    in_readme(f"ours is {min(few):.2f}x to {max(few):.2f}x there")
-    wide = [x for (shape, tokens, threads, _), x in ratios.items() if threads == 2 and shape == "release" and tokens >= 32]
-    in_readme(f"from 32 tokens ours is {min(wide):.2f}x to {max(wide):.2f}x llama.cpp on two threads")
+    in_readme(f"ours is as fast as llama.cpp or faster in {sum(round(x, 2) >= 1 for x in one)} of {len(one)} rows")
+    ms = [r["median_ms"]["auto"] for r in data["rows"] if r["shape"] == "mid" and r["tokens"] <= 32 and r["threads"] == 2]
+    in_readme(f"tokens there takes {min(ms):.0f} to {max(ms):.0f} ms")
 
 
 def test_cpu_lanes_idle_table_and_figures():
@@ -262,8 +311,18 @@ def test_cpu_lanes_idle_table_and_figures():
         for r in data["rows"]
     ]  # fmt: skip
     assert_table("(`benchmarks/results/cpu_lanes_idle.json`):", rows)
-    lanes_96 = [r["pause_over_no_pause"] for r in data["rows"] if r["tokens"] == 96 and r["implementation"] != "grouped_mm"]
-    in_readme(f"they take {min(lanes_96):.1f}x to {max(lanes_96):.1f}x as long at 96 tokens")
+    pause = {name: [r["pause_over_no_pause"] for r in data["rows"] if r["implementation"] == name]
+             for name in ("auto", "grouped_mm")}  # fmt: skip
+    in_readme(f"`auto` takes {min(pause['auto']):.2f}x to {max(pause['auto']):.2f}x as long after one (grouped_mm\n"
+              f"{min(pause['grouped_mm']):.2f}x to {max(pause['grouped_mm']):.2f}x)")
+    workers_96 = [r["pause_over_no_pause"] for r in data["rows"] if r["tokens"] == 96 and r["implementation"] == "python workers"]
+    in_readme(f"they take {min(workers_96):.1f}x to {max(workers_96):.1f}x as long at 96 tokens")
+    paused = str(data["pause_ms"])
+    for tokens, dtype in {(r["tokens"], r["dtype"]) for r in data["rows"]}:
+        ms = {r["implementation"]: r["median_ms"] for r in data["rows"] if (r["tokens"], r["dtype"]) == (tokens, dtype)}
+        assert min(ms, key=lambda name: ms[name][paused]) == "auto"  # with a pause, the fastest in every row
+        if tokens <= 32:  # back to back the workers are slower at 16 and 32 tokens
+            assert ms["python workers"]["0.0"] > ms["auto"]["0.0"]
     assert all(abs(r["pause_over_no_pause"] - 1) < 0.1 for r in data["rows"] if r["implementation"] == "grouped_mm")
 
 
