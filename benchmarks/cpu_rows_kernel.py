@@ -66,7 +66,7 @@ def measure(kernel, dtype, rows_list, experts, reps, flush) -> list[dict]:
 
 def main():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--rows", type=int, nargs="+", default=[1, 2, 4, 8, 14, 24, 32, 48, 64, 96, 128, 256])
+    parser.add_argument("--rows", type=int, nargs="+", default=[1, 2, 4, 8, 14, 24, 32, 48, 64, 96, 128, 256, 512, 1024])
     parser.add_argument("--experts", type=int, default=56)
     parser.add_argument("--reps", type=int, default=7)
     parser.add_argument("--out", default=None)

@@ -2,7 +2,8 @@
 """A product kernel for the CPU experts (float32; bfloat16 where the CPU has AVX512_BF16), built on the user's
 machine at first use.
 
-`rows_linear(x, weight, out)` computes out = x @ weight.T for the few to few dozen rows an expert gets in a forward.
+`rows_linear(x, weight, out)` computes out = x @ weight.T for the few to few hundred rows an expert gets in a
+forward.
 MKL runs such a product far below the core's speed: before each call it repacks the whole weight (an expert's
 weight is read twice and written once for a dozen rows of work). This kernel reads the weight where it lies, once:
 
@@ -122,30 +123,33 @@ static float* scratch(int64_t floats) {
   return held.buffer;
 }
 
-// Register tiles (weight rows x vectors of input rows) of the outer form for 1 to 4 vectors of rows. With
-// AVX-512 (32 registers of 16 floats) 16 to 24 accumulators; elsewhere a vector of 16 floats takes 2 (AVX2) or 4
+// Rows per outer-product pass: 2 vectors of rows. The pass streams its transposed rows (k_len x CHUNK floats)
+// once for every few weight rows; at 2 vectors that stream stays near the core (64 KB for k_len 512), and the
+// float32 products ran at about 170 GFLOP/s with hot weights from 16 to 256 rows here, where 4 vectors (128 KB
+// from L2) fell to 100 from 48 rows (an ad-hoc run; benchmarks/results/cpu_rows_kernel.json has the
+// committed products, caches flushed).
+constexpr int64_t CHUNK = 2 * W;
+
+// Register tiles (weight rows x vectors of input rows) of the outer form for 1 and 2 vectors of rows. With
+// AVX-512 (32 registers of 16 floats) 8 or 16 accumulators; elsewhere a vector of 16 floats takes 2 (AVX2) or 4
 // (NEON) registers, and 16 or 32 of them hold at most 8 accumulators without spilling to the stack.
 #if defined(__AVX512F__)
 #define LLADA_TILES(span, ...)                                    \
   switch ((rows + W - 1) / W) {                                   \
     case 1: span<8, 1>(__VA_ARGS__); break;                       \
-    case 2: span<8, 2>(__VA_ARGS__); break;                       \
-    case 3: span<6, 3>(__VA_ARGS__); break;                       \
-    default: span<6, 4>(__VA_ARGS__); break;                      \
+    default: span<8, 2>(__VA_ARGS__); break;                      \
   }
 extern "C" int llada_wide_vectors() { return 1; }
 #else
 #define LLADA_TILES(span, ...)                                    \
   switch ((rows + W - 1) / W) {                                   \
     case 1: span<4, 1>(__VA_ARGS__); break;                       \
-    case 2: span<2, 2>(__VA_ARGS__); break;                       \
-    case 3: span<1, 3>(__VA_ARGS__); break;                       \
-    default: span<1, 4>(__VA_ARGS__); break;                      \
+    default: span<2, 2>(__VA_ARGS__); break;                      \
   }
 extern "C" int llada_wide_vectors() { return 0; }
 #endif
+static_assert(CHUNK == 2 * W, "LLADA_TILES has tiles for 1 and 2 vectors of rows");
 
-constexpr int64_t CHUNK = 4 * W;  // rows per outer-product pass: 4 vectors of rows
 constexpr int64_t SUPER = 48;     // weight rows per super-block: reused from L1/L2 by every chunk of rows
 
 template <int NR, int MV>

@@ -58,9 +58,9 @@ PADDED_MAX_PAIRS = 512
 PADDED_MAX_WASTE = 3
 # Rows per expert up to which the built kernel (cpu_kernel_llada_moe.py) runs an expert's products instead of
 # torch's (MKL, oneDNN): it reads the weights where they lie instead of repacking them per call.
-# (benchmarks/cpu_rows_kernel.py: the kernel is faster up to these rows, torch's product from about 256 float32 and
-# 96 bfloat16 rows.)
-KERNEL_MAX_ROWS = {torch.float32: 128, torch.bfloat16: 64}
+# (benchmarks/results/cpu_rows_kernel.json: in float32 the kernel is faster at every count measured, up to 1024
+# rows; beyond that, unmeasured, torch's product. In bfloat16 oneDNN is as fast from about 64 rows.)
+KERNEL_MAX_ROWS = {torch.float32: 1024, torch.bfloat16: 64}
 # Without the kernel (no compiler, LLADA_MOE_CPU_KERNEL=0): rows per expert up to which `weights @ rows.T` beats `rows @ weights.T` in float32: MKL streams the weights once
 # as the left operand instead of packing them for a few rows. (bfloat16 products go to oneDNN: no gain.)
 WEIGHTS_LEFT_MAX_ROWS = {torch.float32: 4}
