@@ -38,7 +38,7 @@ def median_us(function, reps):
 
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--rows", nargs="+", type=int, default=[1, 4, 16, 32, 96])
+    parser.add_argument("--rows", nargs="+", type=int, default=[1, 4, 16, 32, 96, 256, 512])
     parser.add_argument("--reps", type=int, default=100)
     parser.add_argument("--out", help="JSON file for the results (none if unset)")
     args = parser.parse_args(argv)

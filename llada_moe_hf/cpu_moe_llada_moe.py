@@ -426,9 +426,10 @@ def auto_experts_forward(self, hidden_states, top_k_index, top_k_weights):
 
 
 # float32 dense projections (attention, lm_head) of up to this many rows run the kernel: MKL repacks the weight
-# for each call, and at a few dozen rows that is most of its time (benchmarks/cpu_dense_linear.py). bfloat16
-# products go to oneDNN, which was as fast or faster from 4 rows there.
-DENSE_KERNEL_MAX_ROWS = {torch.float32: 32}
+# for each call, and at a few dozen rows that is most of its time; the kernel was as fast or faster at every count
+# measured, up to 512 rows (benchmarks/results/cpu_dense_linear.json). bfloat16 products go to oneDNN, which was
+# as fast or faster from 4 rows there.
+DENSE_KERNEL_MAX_ROWS = {torch.float32: 512}
 
 
 def _dense_kernel_takes(module, x: torch.Tensor, implementation) -> bool:

@@ -494,7 +494,8 @@ def test_dense_linear_runs_the_kernel_for_few_float32_rows(dense_kernel, monkeyp
         torch.testing.assert_close(cpu_moe.linear(module, strided, "cpu_moe"), module(strided), rtol=1e-5, atol=1e-5)
         assert len(calls) == 2
         # the module's own product: eager/grouped_mm experts, too many rows, bfloat16, a hook
-        for args in [(x, "eager"), (x, "grouped_mm"), (torch.randn(40, 96), "auto")]:
+        too_many = torch.randn(cpu_moe.DENSE_KERNEL_MAX_ROWS[torch.float32] + 1, 96)
+        for args in [(x, "eager"), (x, "grouped_mm"), (too_many, "auto")]:
             torch.testing.assert_close(cpu_moe.linear(module, *args), module(args[0]), rtol=0, atol=0)
         torch.testing.assert_close(cpu_moe.linear(module.to(torch.bfloat16), x.bfloat16()), module(x.bfloat16()),
                                    rtol=0, atol=0)  # fmt: skip
@@ -509,7 +510,7 @@ def test_dense_linear_runs_the_kernel_for_few_float32_rows(dense_kernel, monkeyp
 
 
 def test_dense_linear_golden_logits_and_eager_tokens(golden, golden_meta, dense_kernel, monkeypatch):
-    """The model's attention and lm_head through the kernel (its rows limit raised to the fixture's 3 x 21 rows):
+    """The model's attention and lm_head through the kernel (its rows limit set to 64, above the fixture's 3 x 21 rows):
     golden logits within 1e-5, and a golden generation gives the eager model's tokens."""
     monkeypatch.setitem(cpu_moe.DENSE_KERNEL_MAX_ROWS, torch.float32, 64)
     calls = []
