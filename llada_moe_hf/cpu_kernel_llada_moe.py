@@ -72,6 +72,7 @@ static void dot_rows(const float* x, int64_t ldx, const float* w, int64_t ldw, i
     vec acc[MR] = {};
     for (int64_t k = 0; k < k_vec; k += W) {
       const vec wv = *(const uvec*)(wn + k);
+      __builtin_prefetch(wn + 4 * ldw + k);  // a few weight rows ahead: the stream comes from DRAM
       for (int i = 0; i < MR; ++i) acc[i] += wv * *(const uvec*)(x + i * ldx + k);
     }
     for (int i = 0; i < MR; ++i) {
@@ -363,6 +364,7 @@ static void dot_rows_bf16(const uint16_t* x, int64_t ldx, const uint16_t* w, int
     for (int64_t k = 0; k < k_len; k += 32) {
       const __mmask32 mask = k + 32 <= k_len ? ~__mmask32(0) : (__mmask32)((1u << (k_len - k)) - 1);
       const __m512bh wv = (__m512bh)_mm512_maskz_loadu_epi16(mask, wn + k);
+      __builtin_prefetch(wn + 4 * ldw + k);  // as dot_rows: 3 and 4 rows ran 3x slower from DRAM without it
       for (int i = 0; i < MR; ++i)
         acc[i] = _mm512_dpbf16_ps(acc[i], wv, (__m512bh)_mm512_maskz_loadu_epi16(mask, x + i * ldx + k));
     }
