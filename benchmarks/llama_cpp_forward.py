@@ -42,9 +42,9 @@ from provenance import git_state, write_json
 
 
 IMPLEMENTATIONS = ("llama.cpp", "auto", "grouped_mm")
-# A pause before each timed call: OpenMP threads spin for a while after a parallel region, and the next
-# implementation would share its cores with them. A longer one after llama.cpp's repetitions (see time_row).
-SETTLE_S = 0.02
+# A pause after llama.cpp's repetitions, before ours (see time_row). Within each phase the calls run back to back,
+# as generation runs its forwards: a pause before each of ours (20 ms, as this script did before) slowed our
+# 2-thread forwards of 16 tokens up to 2x (torch's OpenMP team asleep), while llama.cpp's ran back to back.
 PHASE_PAUSE_S = 2.0
 
 
@@ -243,10 +243,11 @@ def timed_ours(model, ids, impl) -> float:
 
 
 def time_row(model, llama, ids, reps):
-    """Median ms of each implementation. llama.cpp's repetitions come first, then ours (auto and grouped_mm in a new
-    random order each repetition) after a pause: right after a llama.cpp run on the same cores (in its process),
-    our 2-thread lanes ran up to 3x slower for a second or more here, though llama.cpp's threads were idle (0.01 s of
-    CPU in 2 s) and torch alone shows nothing of the kind; grouped_mm was not affected."""
+    """Median ms of each implementation. llama.cpp's repetitions come first, back to back, then ours (auto and
+    grouped_mm in a new random order each repetition, back to back: both run on torch's OpenMP team) after a
+    pause: right after a llama.cpp run on the same cores (in its process), our 2-thread lanes (then on Python
+    workers) ran up to 3x slower for a second or more here, though llama.cpp's threads were idle (0.01 s of CPU in
+    2 s) and torch alone showed nothing of the kind; grouped_mm was not affected."""
     token_list = ids[0].tolist()
     run = {
         "auto": lambda: timed_ours(model, ids, "auto"),
@@ -263,7 +264,6 @@ def time_row(model, llama, ids, reps):
             order = list(run)
             random.shuffle(order)
             for impl in order:
-                time.sleep(SETTLE_S)
                 samples[impl].append(run[impl]())
     return {impl: 1e3 * statistics.median(samples[impl]) for impl in IMPLEMENTATIONS}
 
