@@ -5,8 +5,9 @@ The model is benchmarks/forward.py's random model ("mid": 4 layers, hidden 512, 
 vocab 4096; "release": the release's widths, 2 layers, vocab 4096), written as a GGUF file (arch `llada-moe`,
 no tokenizer: token ids go in directly) with the `gguf` package, and run through llama.cpp's C API (the ctypes
 bindings of llama-cpp-python) as its diffusion example runs a denoising step: a batch of all positions, non-causal
-attention, logits for every position, flash attention off. Per shape, dtype, token count and thread count the
-implementations run in a new random order each repetition: llama.cpp (`llama_decode`), auto, grouped_mm. The
+attention, logits for every position, flash attention off. Per shape, dtype, token count and thread count:
+llama.cpp's repetitions (`llama_decode`) back to back, a pause, then auto and grouped_mm in a new random order
+each repetition, back to back; the two phases alternate --rounds times, and the medians are over all. The
 table gives median ms and `ours x` = llama.cpp time / auto time (above 1: ours is faster). Each row also records
 max |logits(llama.cpp) - logits(eager)|, so a fast but wrong llama.cpp (or a wrong export) shows.
 
@@ -242,29 +243,32 @@ def timed_ours(model, ids, impl) -> float:
     return time.perf_counter() - start
 
 
-def time_row(model, llama, ids, reps):
+def time_row(model, llama, ids, reps, rounds):
     """Median ms of each implementation. llama.cpp's repetitions come first, back to back, then ours (auto and
     grouped_mm in a new random order each repetition, back to back: both run on torch's OpenMP team) after a
     pause: right after a llama.cpp run on the same cores (in its process), our 2-thread lanes (then on Python
     workers) ran up to 3x slower for a second or more here, though llama.cpp's threads were idle (0.01 s of CPU in
-    2 s) and torch alone showed nothing of the kind; grouped_mm was not affected."""
+    2 s) and torch alone showed nothing of the kind; grouped_mm was not affected. The two phases alternate `rounds`
+    times (each with `reps` repetitions) and the medians are over all of them: on this shared machine a phase
+    could run 2x slower than the next one for no reason of its own."""
     token_list = ids[0].tolist()
     run = {
         "auto": lambda: timed_ours(model, ids, "auto"),
         "grouped_mm": lambda: timed_ours(model, ids, "grouped_mm"),
     }
-    llama.ask("run", token_list)  # warm-up
-    samples = {"llama.cpp": [llama.ask("run", token_list) for _ in range(reps)]}
-    time.sleep(PHASE_PAUSE_S)
-    samples.update({impl: [] for impl in run})
-    with torch.no_grad():
-        for impl in run:  # warm-up: buffers, the lanes' threads
-            run[impl]()
-        for _ in range(reps):
-            order = list(run)
-            random.shuffle(order)
-            for impl in order:
-                samples[impl].append(run[impl]())
+    samples = {impl: [] for impl in IMPLEMENTATIONS}
+    for _ in range(rounds):
+        llama.ask("run", token_list)  # warm-up
+        samples["llama.cpp"] += [llama.ask("run", token_list) for _ in range(reps)]
+        time.sleep(PHASE_PAUSE_S)
+        with torch.no_grad():
+            for impl in run:  # warm-up: buffers, torch's threads
+                run[impl]()
+            for _ in range(reps):
+                order = list(run)
+                random.shuffle(order)
+                for impl in order:
+                    samples[impl].append(run[impl]())
     return {impl: 1e3 * statistics.median(samples[impl]) for impl in IMPLEMENTATIONS}
 
 
@@ -274,7 +278,7 @@ def logits_error(model, llama, ids) -> float:
     return (torch.from_numpy(llama.ask("logits", ids[0].tolist())) - eager).abs().max().item()
 
 
-def measure(shape_names, dtypes, token_counts, thread_counts, reps, workdir):
+def measure(shape_names, dtypes, token_counts, thread_counts, reps, rounds, workdir):
     rows = []
     for shape_name in shape_names:
         dims = model_shape(shape_name)
@@ -295,7 +299,7 @@ def measure(shape_names, dtypes, token_counts, thread_counts, reps, workdir):
                 for threads in thread_counts:
                     torch.set_num_threads(threads)
                     llama.ask("threads", threads)
-                    ms = time_row(model, llama, ids, reps)
+                    ms = time_row(model, llama, ids, reps, rounds)
                     row = {
                         "shape": shape_name, "dtype": dtype_name, "tokens": tokens, "threads": threads,
                         "median_ms": ms, "llama_cpp_over_auto": ms["llama.cpp"] / ms["auto"],
@@ -330,15 +334,16 @@ def main(argv=None):
     parser.add_argument("--dtypes", nargs="+", default=["float32", "bfloat16"], choices=["float32", "bfloat16"])
     parser.add_argument("--tokens", nargs="+", type=int, default=[16, 32, 96, 256])
     parser.add_argument("--threads", nargs="+", type=int, default=[1, 2])
-    parser.add_argument("--reps", type=int, default=9)
+    parser.add_argument("--reps", type=int, default=5, help="repetitions of each implementation per round")
+    parser.add_argument("--rounds", type=int, default=3, help="llama.cpp's phase and ours, alternated this often")
     parser.add_argument("--out", help="JSON file for the results (none if unset)")
     args = parser.parse_args(argv)
-    if min(args.tokens) < 1 or min(args.threads) < 1 or args.reps < 1:
-        parser.error("--tokens, --threads and --reps must be at least 1")
+    if min(args.tokens) < 1 or min(args.threads) < 1 or args.reps < 1 or args.rounds < 1:
+        parser.error("--tokens, --threads, --reps and --rounds must be at least 1")
     _bindings(llama=False)  # the parent writes GGUF files; llama.cpp itself is loaded in the worker only
     print_header()
     with tempfile.TemporaryDirectory(prefix="llama-cpp-forward-") as workdir:  # GGUF files: removed however it ends
-        rows = measure(args.shapes, args.dtypes, args.tokens, args.threads, args.reps, workdir)
+        rows = measure(args.shapes, args.dtypes, args.tokens, args.threads, args.reps, args.rounds, workdir)
     report = {
         "benchmark": "llama_cpp_forward",
         "machine": {"platform": platform.platform(), "processor": platform.processor(), "cpus": os.cpu_count()},
@@ -347,6 +352,7 @@ def main(argv=None):
                      "python": platform.python_version()},  # fmt: skip
         "git": git_state(),
         "reps": args.reps,
+        "rounds": args.rounds,
         "shapes": {name: model_shape(name) for name in args.shapes},
         "rows": rows,
     }
