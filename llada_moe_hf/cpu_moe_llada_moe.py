@@ -77,7 +77,7 @@ BLOCK_ROWS = 128
 # compiler, or no OpenMP runtime found).
 LANE_MIN_WORK = 64 << 20
 # The same for the kernel's lanes on torch's OpenMP team, whose threads are already running: on the mid-size
-# model (3M multiply-adds a token) two lanes are 1.02x-1.55x one lane from a single token on 2 threads
+# model (3M multiply-adds a token) two lanes are 1.07x-1.28x one lane from a single token on 2 threads
 # (benchmarks/results/cpu_lanes_small.json). Below 1M (the tiny test models) is not measured: one lane there.
 TEAM_LANE_MIN_WORK = 1 << 20
 

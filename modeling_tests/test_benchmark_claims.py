@@ -208,8 +208,9 @@ def test_cpu_experts_tables_and_targets():
     for shape, dtype in (("mid", "float32"), ("mid", "bfloat16"), ("release", "float32"), ("release", "bfloat16")):
         speed = [r["speedup_vs_grouped_mm"]["auto"] for r in data["forward"] if (r["shape"], r["dtype"]) == (shape, dtype)]
         ranges.append(f"{min(speed):.2f}x to {max(speed):.2f}x")
-    faster = [r for r in data["forward"] if r["speedup_vs_grouped_mm"]["auto"] > 1]
-    in_readme(f"`auto` is faster than grouped_mm in {len(faster)} of {len(data['forward'])} rows: {ranges[0]} on the mid")
+    faster, total = sum(r["speedup_vs_grouped_mm"]["auto"] > 1 for r in data["forward"]), len(data["forward"])
+    count = f"all {total}" if faster == total else f"{faster} of {total}"
+    in_readme(f"`auto` is faster than grouped_mm in {count} rows: {ranges[0]} on the mid")
     for text in ranges[1:]:
         in_readme(text)
     # the rows it is not faster in are within this machine's noise, as the README says
@@ -218,20 +219,27 @@ def test_cpu_experts_tables_and_targets():
     auto, bare = ([r["speedup_vs_grouped_mm"][k] for r in few] for k in ("auto", NO_KERNEL))
     in_readme(f"`auto` is {min(auto):.2f}x to {max(auto):.2f}x grouped_mm, against {min(bare):.2f}x to {max(bare):.2f}x without it")
     at_512 = [r["median_ms"]["eager"] / r["median_ms"]["auto"] for r in data["forward"] if r["tokens"] == 512]
-    in_readme(f"the eager loop's time is {min(at_512):.2f}x to {max(at_512):.2f}x `auto`'s: the eager")
-    in_readme(f"loop is ahead in {sum(x < 1 for x in at_512)} of those {len(at_512)} rows")
+    in_readme(f"the eager loop's time is {min(at_512):.2f}x to {max(at_512):.2f}x\n`auto`'s: the eager loop is ahead in "
+              f"{sum(x < 1 for x in at_512)} of those {len(at_512)} rows")
     cand = data["candidates"]
-    mid_range = [r for r in cand if r["tokens"] <= 256]
-    for r in mid_range:  # sorted_lanes is the fastest strategy, or within 0.06x of it
-        best = max(r["speedup_vs_grouped_mm"].values())
-        assert best - r["speedup_vs_grouped_mm"]["sorted_lanes"] <= 0.065, r
-    speed = [r["speedup_vs_grouped_mm"]["sorted_lanes"] for r in mid_range]
-    in_readme(f"within 0.06x of it, from 16 to 256 tokens: {min(speed):.2f}x to {max(speed):.2f}x grouped_mm")
-    at_512 = [r for r in cand if r["tokens"] == 512]
-    speed = [r["speedup_vs_grouped_mm"]["sorted_lanes"] for r in at_512]
-    packed = [r["speedup_vs_grouped_mm"]["oneDNN packed (2x memory)"] for r in at_512]
-    in_readme(f"the kernel is no faster than torch's product ({min(speed):.2f}x to {max(speed):.2f}x grouped_mm;")
-    in_readme(f"and the oneDNN-packed products lead ({min(packed):.2f}x to {max(packed):.2f}x grouped_mm;")
+    upto_256 = [r for r in cand if r["tokens"] <= 256]
+    for r in upto_256:  # the fastest on two threads; on one within noise of its one-lane twin (the same code)
+        speed = r["speedup_vs_grouped_mm"]
+        best = max(speed, key=speed.get)
+        assert best == "sorted_lanes" if r["threads"] == 2 else best in ("sorted_lanes", "sorted, one lane"), r
+    two = [r["speedup_vs_grouped_mm"]["sorted_lanes"] for r in upto_256 if r["threads"] == 2]
+    in_readme(f"two threads from 16 to 256 tokens ({min(two):.2f}x to {max(two):.2f}x grouped_mm)")
+    gap = max(max(r["speedup_vs_grouped_mm"].values()) - r["speedup_vs_grouped_mm"]["sorted_lanes"] for r in upto_256)
+    in_readme(f"on one thread it is within {gap:.2f}x of")
+    every = [r["speedup_vs_grouped_mm"]["sorted_lanes"] for r in upto_256]
+    in_readme(f"{min(every):.2f}x to {max(every):.2f}x grouped_mm up to 256 tokens")
+    f32_512 = [r["speedup_vs_grouped_mm"] for r in cand if r["tokens"] == 512 and r["dtype"] == "float32"]
+    packed = [x["oneDNN packed (2x memory)"] for x in f32_512]
+    lanes = [x["sorted_lanes"] for x in f32_512]
+    in_readme(f"lead in float32 ({min(packed):.2f}x to {max(packed):.2f}x grouped_mm, against\n"
+              f"{min(lanes):.2f}x to {max(lanes):.2f}x;")
+    padded = [r["speedup_vs_grouped_mm"]["padded"] for r in cand if r["dtype"] == "bfloat16"]
+    in_readme(f"padded batched products ({min(padded):.2f}x to {max(padded):.2f}x grouped_mm)")
 
 
 def test_cpu_lanes_small_table():
@@ -281,25 +289,32 @@ def test_llama_cpp_forward_table_and_figures():
             in_readme(f"{dtype}, {threads} thread{'s' if threads > 1 else ''}: llama.cpp {row['median_ms']['llama.cpp']:.1f} ms, "
                       f"ours {row['median_ms']['auto']:.1f} ms ({row['llama_cpp_over_auto']:.2f}x), "
                       f"llama.cpp {row['speedup_vs_grouped_mm']['llama.cpp']:.2f}x grouped_mm")  # fmt: skip
-    ratios = {(r["shape"], r["tokens"], r["threads"], r["dtype"]): r["llama_cpp_over_auto"] for r in data["rows"]}
-
-    def span(keep):
-        picked = [x for key, x in ratios.items() if keep(*key)]
-        return f"{min(picked):.2f}x to {max(picked):.2f}x", picked
-
-    text, picked = span(lambda shape, tokens, threads, dtype: tokens >= 96)
-    slower = [x for x in picked if round(x, 2) < 1]
-    assert len(slower) == 1, "the README says: every row but one"
-    in_readme(f"every row but one**: {text}, the {slower[0]:.2f}x")
-    in_readme(f"In bfloat16 ours is {span(lambda s, tokens, t, dtype: tokens >= 96 and dtype == 'bfloat16')[0]} there")
-    in_readme(f"At the release's widths ours is {span(lambda shape, *_: shape == 'release')[0]} llama.cpp**")
-    in_readme(f"on two threads it is {span(lambda shape, _, threads, __: shape == 'release' and threads == 2)[0]}.")
-    few = lambda threads: lambda shape, tokens, t, _: shape == "mid" and tokens <= 32 and t == threads  # noqa: E731
-    in_readme(f"ours is {span(few(2))[0]} llama.cpp on two threads (and {span(few(1))[0]} on one)")
-    one = [x for (_, _, threads, _), x in ratios.items() if threads == 1]
-    in_readme(f"ours is as fast as llama.cpp or faster in {sum(round(x, 2) >= 1 for x in one)} of {len(one)} rows")
-    ms = [r["median_ms"]["auto"] for r in data["rows"] if r["shape"] == "mid" and r["tokens"] <= 32 and r["threads"] == 2]
-    in_readme(f"tokens there takes {min(ms):.0f} to {max(ms):.0f} ms")
+    at_96 = {(r["dtype"], r["threads"]): r for r in data["rows"] if (r["shape"], r["tokens"]) == ("mid", 96)}
+    llama_x = {key: f"{r['speedup_vs_grouped_mm']['llama.cpp']:.2f}x" for key, r in at_96.items()}
+    in_readme(f"tokens is {llama_x[('float32', 1)]} grouped_mm on one thread and {llama_x[('float32', 2)]} on two in float32")
+    in_readme(f"grouped_mm ({llama_x[('bfloat16', 1)]} and {llama_x[('bfloat16', 2)]})")
+    in_readme(f"ours is {at_96[('bfloat16', 2)]['llama_cpp_over_auto']:.2f}x llama.cpp there")
+    assert data["rounds"] >= 2  # the README: "3 rounds of 5 repetitions a row"
+    in_readme(f"What this run says ({data['rounds']} rounds of {data['reps']} repetitions a row;")
+    ratios = [r["llama_cpp_over_auto"] for r in data["rows"]]
+    at_least = [x for x in ratios if round(x, 2) >= 1.0]
+    in_readme(f"**Ours is as fast as llama.cpp or faster in {len(at_least)} of {len(ratios)} rows**")
+    wide = [r["llama_cpp_over_auto"] for r in data["rows"] if r["tokens"] >= 32]
+    assert all(round(x, 2) >= 1.0 for x in wide)
+    in_readme(f"in every row from 32 tokens ({min(wide):.2f}x to\n  {max(wide):.2f}x)")
+    release = [r["llama_cpp_over_auto"] for r in data["rows"] if r["shape"] == "release"]
+    in_readme(f"At the release's widths ours is {min(release):.2f}x to {max(release):.2f}x llama.cpp.")
+    slower = {(r["dtype"], r["threads"]): r["llama_cpp_over_auto"] for r in data["rows"]
+              if round(r["llama_cpp_over_auto"], 2) < 1.0}  # fmt: skip
+    assert all(r["shape"] == "mid" and r["tokens"] == 16 for r in data["rows"] if round(r["llama_cpp_over_auto"], 2) < 1)
+    assert set(slower) == {("float32", 1), ("float32", 2), ("bfloat16", 2)}, slower
+    in_readme(f"ours is {slower[('float32', 1)]:.2f}x in float32 on one thread, and {slower[('float32', 2)]:.2f}x\n"
+              f"  (float32) and {slower[('bfloat16', 2)]:.2f}x (bfloat16) on two")
+    here = [r["median_ms"]["auto"] for r in data["rows"] if (r["shape"], r["dtype"], r["tokens"]) == ("mid", "float32", 16)]
+    there = [r["median_ms"]["auto"] for r in result("cpu_experts.json")["forward"]
+             if (r["shape"], r["dtype"], r["tokens"]) == ("mid", "float32", 16)]  # fmt: skip
+    in_readme(f"took {there[0]:.1f} and {there[1]:.1f} ms on one and two threads, against {here[0]:.1f} and\n"
+              f"  {here[1]:.1f} ms in this run")
 
 
 def test_cpu_lanes_idle_table_and_figures():
@@ -323,13 +338,12 @@ def test_cpu_lanes_idle_table_and_figures():
         assert min(ms, key=lambda name: ms[name][paused]) == "auto"  # with a pause, the fastest in every row
         if tokens <= 32:  # back to back the workers are slower at 16 and 32 tokens
             assert ms["python workers"]["0.0"] > ms["auto"]["0.0"]
-    assert all(abs(r["pause_over_no_pause"] - 1) < 0.1 for r in data["rows"] if r["implementation"] == "grouped_mm")
 
 
 def test_llama_cpp_benchmark_refuses_bad_input_and_missing_bindings(tmp_path):
     script = str(REPO_ROOT / "benchmarks" / "llama_cpp_forward.py")
     bad = run_script([script, "--tokens", "0"], tmp_path, timeout=120)
-    assert bad.returncode == 2 and "--tokens, --threads and --reps must be at least 1" in bad.stderr
+    assert bad.returncode == 2 and "--tokens, --threads, --reps and --rounds must be at least 1" in bad.stderr
     import importlib.util
 
     if importlib.util.find_spec("llama_cpp") is None or importlib.util.find_spec("gguf") is None:
@@ -677,11 +691,18 @@ def test_golden_check_script_runs_and_writes_json(tmp_path):
 
 
 def test_cpu_dense_linear_figures():
+    """DENSE_KERNEL_MAX_ROWS: the kernel was at least as fast as F.linear at every float32 count up to it."""
+    from llada_moe_hf.cpu_moe_llada_moe import DENSE_KERNEL_MAX_ROWS
+
     data = result("cpu_dense_linear.json")
     assert data["git"]["commit"] and not data["git"]["dirty"]
-    f32 = [r for r in data["results"] if r["dtype"] == "float32" and r["rows"] <= 32]
-    slow = [r for r in f32 if r["kernel_speedup"] < 1]
-    fast = [r["kernel_speedup"] for r in f32 if r["kernel_speedup"] >= 1]
-    in_readme(f"float32 up to 32 rows {min(fast):.2f}x to {max(fast):.2f}x")
-    assert [(r["threads"], r["rows"], r["weight"]) for r in slow] == [(1, 1, [512, 512])]
-    in_readme(f"on one thread, {slow[0]['kernel_speedup']:.2f}x)")
+    limit = DENSE_KERNEL_MAX_ROWS[torch.float32]
+    f32 = [r for r in data["results"] if r["dtype"] == "float32" and r["rows"] <= limit]
+    assert max(r["rows"] for r in f32) == limit, "the limit is a measured row count"
+    assert all(r["kernel_speedup"] >= 1 for r in f32), [r for r in f32 if r["kernel_speedup"] < 1]
+    speed = [r["kernel_speedup"] for r in f32]
+    in_readme(f"float32 up to {limit} rows {min(speed):.2f}x to {max(speed):.2f}x F.linear")
+    bf16 = [r for r in data["results"] if r["dtype"] == "bfloat16"]
+    if bf16:  # bfloat16 keeps F.linear, as the README says: the kernel is slower at 32 rows and beyond
+        assert any(r["kernel_speedup"] < 1 for r in bf16 if r["rows"] == 32)
+        assert all(r["kernel_speedup"] < 1 for r in bf16 if r["rows"] >= 256)
