@@ -433,13 +433,15 @@ DENSE_KERNEL_MAX_ROWS = {torch.float32: 512}
 
 
 def _dense_kernel_takes(module, x: torch.Tensor, implementation) -> bool:
-    """Whether linear() may run `module` on the kernel: a plain nn.Linear (no hooks, no tensor subclass, no
-    autograd graph to record), float32 on the CPU, few rows, the experts on `auto`/`cpu_moe`."""
+    """Whether linear() may run `module` on the kernel: a plain nn.Linear (no hooks, no forward replaced on the
+    instance as accelerate's offload hooks do, no tensor subclass, no autograd graph to record), float32 weights
+    in CPU memory, few rows, the experts on `auto`/`cpu_moe`."""
     weight = getattr(module, "weight", None)
     return (
         implementation in (AUTO_NAME, CPU_MOE_NAME)
         and type(module) is nn.Linear and type(weight) in (nn.Parameter, torch.Tensor)
-        and x.device.type == "cpu" and x.dtype == weight.dtype and x.dim() >= 2
+        and "forward" not in vars(module) and not hasattr(module, "_hf_hook")
+        and x.device.type == weight.device.type == "cpu" and x.dtype == weight.dtype and x.dim() >= 2
         and 0 < x.numel() // x.shape[-1] <= DENSE_KERNEL_MAX_ROWS.get(x.dtype, 0)
         and not (module._forward_hooks or module._forward_pre_hooks or nn.modules.module._global_forward_hooks
                  or nn.modules.module._global_forward_pre_hooks)

@@ -504,7 +504,22 @@ def test_dense_linear_runs_the_kernel_for_few_float32_rows(dense_kernel, monkeyp
         torch.testing.assert_close(cpu_moe.linear(module, x), module(x), rtol=0, atol=0)
         assert not calls[2:]
         handle.remove()
-    assert len(calls) == 2
+        # accelerate's hooks (device_map offload) replace the instance's forward and may leave the weight on the
+        # meta device until it runs: the module's own forward runs
+        from accelerate.hooks import ModelHook, add_hook_to_module, remove_hook_from_module
+
+        class Doubles(ModelHook):
+            def post_forward(self, module, output):
+                return output * 2
+
+        plain = module(x)
+        add_hook_to_module(module, Doubles())
+        torch.testing.assert_close(cpu_moe.linear(module, x), 2 * plain, rtol=0, atol=0)
+        remove_hook_from_module(module)
+        meta = torch.nn.Linear(96, 200, device="meta")
+        with pytest.raises(RuntimeError, match="meta"):  # torch's own error, where the kernel would read no memory
+            cpu_moe.linear(meta, x)
+        assert len(calls) == 2
     got = cpu_moe.linear(module, x)  # autograd would record the product: the module runs
     assert got.requires_grad and len(calls) == 2
 
