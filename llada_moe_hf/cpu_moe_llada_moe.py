@@ -427,8 +427,8 @@ def auto_experts_forward(self, hidden_states, top_k_index, top_k_weights):
 
 # float32 dense projections (attention, lm_head) of up to this many rows run the kernel: MKL repacks the weight
 # for each call, and at a few dozen rows that is most of its time; the kernel was as fast or faster at every count
-# measured, up to 512 rows (benchmarks/results/cpu_dense_linear.json). bfloat16 products go to oneDNN, which was
-# as fast or faster from 4 rows there.
+# measured, up to 512 rows (benchmarks/results/cpu_dense_linear.json). bfloat16 products go to oneDNN: there the
+# kernel led only up to 4 rows, was mixed at 16 and 32 and slower from 256.
 DENSE_KERNEL_MAX_ROWS = {torch.float32: 512}
 
 
@@ -440,7 +440,7 @@ def _dense_kernel_takes(module, x: torch.Tensor, implementation) -> bool:
     return (
         implementation in (AUTO_NAME, CPU_MOE_NAME)
         and type(module) is nn.Linear and type(weight) in (nn.Parameter, torch.Tensor)
-        and "forward" not in vars(module) and not hasattr(module, "_hf_hook")
+        and vars(module).keys().isdisjoint(("forward", "_hf_hook"))  # accelerate sets both on the instance
         and x.device.type == weight.device.type == "cpu" and x.dtype == weight.dtype and x.dim() >= 2
         and 0 < x.numel() // x.shape[-1] <= DENSE_KERNEL_MAX_ROWS.get(x.dtype, 0)
         and not (module._forward_hooks or module._forward_pre_hooks or nn.modules.module._global_forward_hooks
