@@ -257,18 +257,22 @@ def summary(rows):
 
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--shapes", nargs="*", default=["mid", "release"], choices=["mid", "release"],
-                        help="forward shapes (none: skip the forward table)")
+    parser.add_argument("--shapes", nargs="*", default=None, choices=["mid", "release"],
+                        help="forward shapes (default: mid release; none: skip the forward table)")
     parser.add_argument("--dtypes", nargs="+", default=["float32", "bfloat16"], choices=["float32", "bfloat16"])
-    parser.add_argument("--tokens", type=int, nargs="+", default=[16, 32, 96, 256, 512])
+    parser.add_argument("--tokens", type=int, nargs="+", default=None, help="default: 16 32 96 256 512")
     parser.add_argument("--threads", type=int, nargs="+", default=[1, 2])
-    parser.add_argument("--reps", type=int, default=7)
+    parser.add_argument("--reps", type=int, default=None, help="default: 7 (3 with --quick)")
     parser.add_argument("--candidates", action="store_true", help="also time the strategies on one mid layer")
-    parser.add_argument("--quick", action="store_true", help="96 tokens, the mid shape, 3 repetitions")
+    parser.add_argument("--quick", action="store_true",
+                        help="96 tokens, the mid shape, 3 repetitions (where --tokens, --shapes, --reps are not given)")
     parser.add_argument("--out", default=None, help="JSON file for the results (none if unset)")
     args = parser.parse_args(argv)
-    if args.quick:
-        args.shapes, args.tokens, args.reps = ["mid"], [96], 3
+    # --quick sets what was not given explicitly: `--quick --reps 15` runs 15 repetitions
+    quick = args.quick
+    args.shapes = args.shapes if args.shapes is not None else ["mid"] if quick else ["mid", "release"]
+    args.tokens = args.tokens or ([96] if quick else [16, 32, 96, 256, 512])
+    args.reps = args.reps if args.reps is not None else 3 if quick else 7
     if min(args.threads) < 1 or min(args.tokens) < 1 or args.reps < 1:
         parser.error("--threads, --tokens and --reps take positive numbers")
 
