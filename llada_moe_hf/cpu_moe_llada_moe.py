@@ -438,14 +438,14 @@ def _dense_kernel_takes(module, x: torch.Tensor, implementation) -> bool:
     in CPU memory, few rows, the experts on `auto`/`cpu_moe`."""
     weight = getattr(module, "weight", None)
     return (
-        implementation in (AUTO_NAME, CPU_MOE_NAME)
+        not torch.compiler.is_compiling()  # first: under torch.compile nothing below is traced
+        and implementation in (AUTO_NAME, CPU_MOE_NAME)
         and type(module) is nn.Linear and type(weight) in (nn.Parameter, torch.Tensor)
-        and vars(module).keys().isdisjoint(("forward", "_hf_hook"))  # accelerate sets both on the instance
+        and "forward" not in vars(module) and "_hf_hook" not in vars(module)  # accelerate sets both on the instance
         and x.device.type == weight.device.type == "cpu" and x.dtype == weight.dtype and x.dim() >= 2
         and 0 < x.numel() // x.shape[-1] <= DENSE_KERNEL_MAX_ROWS.get(x.dtype, 0)
         and not (module._forward_hooks or module._forward_pre_hooks or nn.modules.module._global_forward_hooks
                  or nn.modules.module._global_forward_pre_hooks)
-        and not torch.compiler.is_compiling()
         and not (torch.is_grad_enabled() and (x.requires_grad or weight.requires_grad))
     )  # fmt: skip
 
